@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need.
+PY := .venv/bin/python
+export VK_ICD_FILENAMES ?= /usr/share/vulkan/icd.d/lvp_icd.json
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint demo clean
+
+setup: .venv/.installed
+	@bash scripts/setup_vulkan.sh
+
+# Re-installs only when requirements.txt changes.
+.venv/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) envs.py --split all --episodes 2 --out results/contact_sheet.png
+
+clean:
+	rm -rf runs results demos
