@@ -19,8 +19,10 @@ setup: .venv/.installed
 lint: setup
 	$(PY) -m ruff check .
 
+# One torch thread per process: the env workers need the other core, and two threads per
+# process on two busy cores made the tiny model 10-60x slower (measured).
 test: setup lint
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
 
 demo: setup
 	$(PY) envs.py --split all --episodes 2 --out results/contact_sheet.png

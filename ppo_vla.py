@@ -116,7 +116,8 @@ class Args:
     grad_accum_steps: int = 20
     """minibatches accumulated per optimizer step (paper: 20, so 160 samples per step)"""
     target_kl: float | None = None
-    """stop the epoch early when the approximate KL exceeds this (off by default)"""
+    """stop this iteration's update at the first minibatch whose approximate KL to the rollout
+    policy exceeds this (off by default, as in the paper)"""
     # --- evaluation, logging, checkpoints
     eval_every: int = 10
     """evaluate every K iterations (and at the end); 0 disables"""
@@ -255,8 +256,8 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")}
-        minibatches_per_step = 0
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
+        minibatches_per_step, stop_early = 0, False
         for _epoch in range(args.epochs):
             order = torch.randperm(batch_size)
             for start in range(0, batch_size, args.minibatch_size):
@@ -269,19 +270,25 @@ def main(args: Args) -> dict[str, float]:
                                                         mb_adv, args.clip_coef)
                 v_loss = clipped_value_loss(new_value, b_values[mb].to(new_value.device),
                                             b_returns[mb].to(new_value.device), args.vf_clip_coef, args.huber_delta)
+                if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
+                    # The policy already moved too far from the one that collected the data.
+                    optimizer.zero_grad(set_to_none=True)
+                    stop_early = True
+                    break
                 loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
                 # Scale so that accumulated gradients average over the minibatches of one step.
                 (loss / args.grad_accum_steps).backward()
                 minibatches_per_step += 1
                 if minibatches_per_step == args.grad_accum_steps or start + args.minibatch_size >= batch_size:
-                    torch.nn.utils.clip_grad_norm_(agent.trainable_parameters(), args.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(agent.trainable_parameters(), args.max_grad_norm)
+                    stats["grad_norm"].append(grad_norm.item())
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     minibatches_per_step = 0
                 for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
                              ("entropy", entropy.mean().item()), *pg_stats.items()):
                     stats[k].append(v)
-            if args.target_kl is not None and np.mean(stats["approx_kl"]) > args.target_kl:
+            if stop_early:
                 break
         update_time = time.perf_counter() - t0
 

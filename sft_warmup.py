@@ -9,7 +9,8 @@ Two uses in "What Can RL Bring to VLA Generalization?" (Liu et al., 2025; facts 
     the policy every RL result is compared with.
 
     python sft_warmup.py                                          # warm-up, tiny preset, CPU
-    python sft_warmup.py --split toy --max-episode-steps 1 --num-demos 512 --total-steps 300
+    python sft_warmup.py --split toy --max-episode-steps 1 --image-size 56 --num-demos 512 \\
+        --total-steps 100 --learning-rate 1e-3 --no-image-aug --eval-every 100   # 1 CPU minute
     python sft_warmup.py --model-path /weights/openvla-7b         # warm-up of OpenVLA-7B (GPU)
     python sft_warmup.py --model-path /weights/openvla-7b --num-demos 16384 --total-steps 60000 \\
         --no-image-aug --exp-name sft16k                          # the SFT-16k baseline
@@ -72,7 +73,7 @@ class Args:
     output_dir: str = "runs"
     """where run directories (TensorBoard logs, checkpoints) are written"""
     seed: int = 0
-    """seed of torch, numpy and python; also fixes which episodes the demonstrations show"""
+    """seed of torch, numpy and python: LoRA init, batch order, augmentation, evaluation episodes"""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
     resume: bool = False
@@ -100,7 +101,9 @@ class Args:
     val_demos: int = 8
     """further successful demonstrations held out for validation (not counted in --num-demos)"""
     demo_dir: str | None = None
-    """where demonstrations are stored and reused; default: demos/SPLIT-IMAGE_SIZEpx-seedSEED"""
+    """where demonstrations are stored and reused; default: demos/SPLIT-IMAGE_SIZEpx-seedDEMO_SEED"""
+    demo_seed: int = 0
+    """fixes which episodes the demonstrations show (apart from --seed: training seeds share one data set)"""
     num_envs: int = 8
     """environments the expert runs in parallel (one worker process each); also episodes per file"""
     max_episode_steps: int = 80
@@ -161,7 +164,7 @@ def episode_ids_of(slots: list[int], seed: int) -> np.ndarray:
 
 
 def default_demo_dir(args: Args, image_size: int) -> Path:
-    return Path("demos") / f"{args.split}-{image_size}px-seed{args.seed}"
+    return Path("demos") / f"{args.split}-{image_size}px-seed{args.demo_seed}"
 
 
 def check_manifest(demo_dir: Path, settings: dict[str, Any]) -> None:
@@ -257,40 +260,42 @@ def collect_demonstrations(args: Args, demo_dir: Path, image_size: int) -> list[
     records, ordered by slot. Each chunk is written the moment it finishes: an interruption loses
     at most the chunk in flight, and the next run continues from there."""
     env_info = {"split": args.split, "image_size": image_size, "max_episode_steps": args.max_episode_steps,
-                "steps_after_success": args.steps_after_success, "seed": args.seed}
+                "steps_after_success": args.steps_after_success, "demo_seed": args.demo_seed}
     check_manifest(demo_dir, env_info)
     wanted = args.num_demos + args.val_demos
     records = read_demo_records(demo_dir, image_size)
     have = sum(r["success"] for r in records)
     if have < wanted:
         envs = make_vec_env(split=args.split, num_envs=args.num_envs, image_size=image_size,
-                            seed=args.seed, max_episode_steps=args.max_episode_steps)
+                            seed=args.demo_seed, max_episode_steps=args.max_episode_steps)
         # Success can only be held for as many steps as the horizon has (the toy task has one).
         success_steps = min(args.steps_after_success, args.max_episode_steps)
         attempts, frames, start = 0, 0, time.perf_counter()
-        with tqdm(total=wanted, initial=have, desc=f"demonstrations ({args.split})", unit="demo") as bar:
+        bar = tqdm(total=wanted, initial=have, desc=f"demonstrations ({args.split})", unit="demo")
+        try:
             while have < wanted:
-                # Failed episodes stay on disk (success=False), so ask for a few more each round.
+                # Failed episodes stay on disk (success=False), so a round may not be enough.
                 for_round = missing_slots(records, wanted - have)
                 for first in range(0, len(for_round), envs.num_envs):
                     slots = for_round[first:first + envs.num_envs]
-                    ids = episode_ids_of(slots, args.seed)
-                    padded = np.resize(ids, envs.num_envs)  # a short last chunk repeats ids, then drops them
-                    demos = collect_expert_demos(envs, padded, success_steps)[:len(slots)]
+                    ids = np.resize(episode_ids_of(slots, args.demo_seed), envs.num_envs)  # pad a short chunk
+                    demos = collect_expert_demos(envs, ids, success_steps)[:len(slots)]
                     write_chunk(demo_dir, slots, demos, env_info)
                     records += [{"slot": s, "success": d.success} for s, d in zip(slots, demos, strict=True)]
                     new = sum(d.success for d in demos)
-                    have, attempts, frames = have + new, attempts + len(demos), frames + sum(len(d.actions) for d in demos)
+                    have, attempts = have + new, attempts + len(demos)
+                    frames += sum(len(d.actions) for d in demos)
                     bar.update(min(new, wanted - bar.n))
-                    bar.set_postfix(expert_success=f"{have / attempts:.0%}" if attempts else "-")
+                    bar.set_postfix(expert_success=f"{have / attempts:.0%}")
                 if have < wanted and attempts >= 20 and have < 0.1 * attempts:
-                    envs.close()
                     raise DemoError(f"the expert succeeded in only {have} of {attempts} episodes "
                                     f"on split {args.split!r}")
-        envs.close()
+        finally:
+            bar.close()
+            envs.close()
         seconds = time.perf_counter() - start
-        tqdm.write(f"collected {attempts} episodes ({frames} frames kept) in {seconds:.1f} s: "
-                   f"{attempts / seconds:.2f} episodes/s, into {demo_dir}")
+        tqdm.write(f"collected {attempts} episodes ({frames} frames kept) in {seconds:.1f} s "
+                   f"({attempts / seconds:.2f} episodes/s) into {demo_dir}")
         records = read_demo_records(demo_dir, image_size)
     successful = sorted((r for r in records if r["success"]), key=lambda r: r["slot"])
     return successful[:wanted]
@@ -449,7 +454,12 @@ def main(args: Args) -> dict[str, float]:
     if agent.image_size != image_size:
         raise ValueError(f"the model takes {agent.image_size}px images; pass --image-size {agent.image_size}")
     train_records, val_records = records[:args.num_demos], records[args.num_demos:]
-    if not args.resume:  # a resumed run keeps the statistics its tokens were trained under
+    if args.resume and (state["demo_dir"], state["num_demos"]) != (str(demo_dir), len(train_records)):
+        raise ValueError(f"the run to resume trained on {state['num_demos']} demonstrations from "
+                         f"{state['demo_dir']}, not {len(train_records)} from {demo_dir}")
+    # New statistics even from --init-checkpoint: the paper's SFT-16k normalises with its own data.
+    # A resumed run keeps the statistics its tokens were trained under.
+    if not args.resume:
         agent.norm_stats = compute_norm_stats(np.concatenate([r["actions"] for r in train_records]))
     train_frames, val_frames = frames_of(train_records, agent), frames_of(val_records, agent)
     tqdm.write(f"{len(train_records)} training demonstrations ({len(train_frames)} frames), "
@@ -506,14 +516,12 @@ def main(args: Args) -> dict[str, float]:
             metrics.update({f"val/{k}": v for k, v in validate(agent, val_frames, args.batch_size,
                                                                   args.loss_vocab).items()})
             tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, token accuracy "
-                       f"{metrics['val/token_accuracy']:.3f} (per dim " + " ".join(
-                           f"{metrics[f'val/token_accuracy_dim{d}']:.2f}" for d in range(ACTION_DIM))
-                       + f"), L1 {metrics['val/l1']:.3f}")
+                       f"{metrics['val/token_accuracy']:.3f}, L1 {metrics['val/l1']:.3f}")
         if eval_envs is not None and (done % args.eval_every == 0 or last):
             agent.eval()
-            # A seed stream of its own: never the ids the demonstrations show.
+            # Episode ids from another stream than the demonstrations' (episode_ids_of).
             result = evaluate_policy(agent, eval_envs, args.eval_episodes, args.eval_temperature,
-                                     seed=args.seed + 1_000_003)
+                                     seed=args.seed + 1)
             metrics.update({f"eval/{k}": v for k, v in result.items()})
             tqdm.write(f"step {done}: success rate {result['success']:.3f} on {args.split}")
         metrics["time/steps_per_s"] = (done - start_step) / (time.perf_counter() - t0)

@@ -12,17 +12,20 @@ from collections.abc import Sequence
 import numpy as np
 
 TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
-TOY_QUADRANTS = np.array([[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], dtype=np.float32)
 TOY_STEP_SCALE = 0.5  # a full-scale action moves the pointer half way to a corner
 TOY_SUCCESS_MARGIN = 0.15  # the pointer must be this far inside the target's quadrant
 
 
 class ToyVecEnv:
-    """Two coloured squares in two of the four quadrants; "move to the {colour} square".
+    """One coloured square above or below the centre; "move to the {left|right} of the {colour} square".
 
+    The target is the quadrant on the named side of the square: its horizontal half comes from
+    the instruction, its vertical half from the image, so neither alone is enough. (A first
+    version named one of two squares by colour; binding a colour word to a position proved too
+    slow to learn for a random-init tiny model in CPU minutes, see the README.)
     The pointer starts at the centre; actions move it by TOY_STEP_SCALE * (dx, dy). Success:
-    the pointer lies inside the named square's quadrant, at least TOY_SUCCESS_MARGIN from both
-    axes. A uniform random action succeeds in one step with p = (0.5 * (1 - 0.3))^2 ~ 12%.
+    the pointer lies inside the target quadrant, at least TOY_SUCCESS_MARGIN from both axes.
+    A uniform random action succeeds in one step with p = (0.5 * (1 - 0.3))^2 ~ 12%.
     Only dims 0 and 1 of the 7-D action matter. The reward is the same potential difference as
     the real task: 1.0 * [success now] - 1.0 * [success at the previous step].
     """
@@ -33,12 +36,11 @@ class ToyVecEnv:
         self.num_envs, self.image_size, self.max_episode_steps = num_envs, image_size, max_episode_steps
         self.rng = np.random.default_rng(seed)
 
-    def _layout(self, episode_id: int) -> tuple[list[str], np.ndarray, int]:
-        """Episode id -> (two colour names, their quadrant indices, index of the named one)."""
+    def _layout(self, episode_id: int) -> tuple[str, float, float]:
+        """Episode id -> (colour name, side +-1 named by the instruction, square's height +-0.5)."""
         rng = np.random.default_rng([7, int(episode_id)])
-        colours = list(rng.choice(list(TOY_COLOURS), size=2, replace=False))
-        quadrants = rng.choice(4, size=2, replace=False)
-        return colours, quadrants, int(rng.integers(2))
+        colour = str(rng.choice(list(TOY_COLOURS)))
+        return colour, float(rng.choice([-1.0, 1.0])), float(rng.choice([-0.5, 0.5]))
 
     def reset(self, episode_ids: Sequence[int] | np.ndarray | None = None) -> dict:
         if episode_ids is None:
@@ -46,7 +48,7 @@ class ToyVecEnv:
         self.episode_ids = np.asarray(episode_ids, dtype=np.int64)
         assert len(self.episode_ids) == self.num_envs, "one episode id per env"
         self.layouts = [self._layout(i) for i in self.episode_ids]
-        self.targets = np.stack([TOY_QUADRANTS[q[t]] for _, q, t in self.layouts])  # [N, 2]
+        self.targets = np.array([[0.5 * side, y] for _, side, y in self.layouts], dtype=np.float32)  # [N, 2]
         self.pointer = np.zeros((self.num_envs, 2), dtype=np.float32)
         self.elapsed = 0
         self.success_once = np.zeros(self.num_envs, dtype=bool)
@@ -85,13 +87,13 @@ class ToyVecEnv:
         s = self.image_size
         images = np.full((self.num_envs, s, s, 3), 128, dtype=np.uint8)
         half = max(1, s // 10)
-        for n, (colours, quadrants, _) in enumerate(self.layouts):
-            for colour, q in zip(colours, quadrants, strict=True):
-                col, row = self._to_pixel(TOY_QUADRANTS[q])
-                images[n, row - half:row + half, col - half:col + half] = TOY_COLOURS[colour]
+        for n, (colour, _, y) in enumerate(self.layouts):
+            col, row = self._to_pixel(np.array([0.0, y]))
+            images[n, row - half:row + half, col - half:col + half] = TOY_COLOURS[colour]
             col, row = self._to_pixel(self.pointer[n])
             images[n, max(0, row - 1):row + 2, max(0, col - 1):col + 2] = 255
-        instructions = [f"move to the {colours[target]} square" for colours, _, target in self.layouts]
+        sides = {-1.0: "left", 1.0: "right"}
+        instructions = [f"move to the {sides[side]} of the {colour} square" for colour, side, _ in self.layouts]
         return {"image": images, "instruction": instructions}
 
     def _to_pixel(self, xy: np.ndarray) -> tuple[int, int]:
