@@ -89,6 +89,7 @@ RECEPTACLE_RADIUS = 0.10
 CAMERA_EYE = (0.2, 0.45, 0.7)  # in front of the robot, to its left, looking down at ~40 degrees
 CAMERA_TARGET = (-0.17, -0.02, 0.08)
 CAMERA_FOV = np.deg2rad(55)
+ROLLING_DAMPING = 3.0  # angular damping of the objects (1/s)
 PARKING_X = 3.0  # unused actors wait on the floor, out of the camera's view
 GROUND_Z = -2 * TABLE_HALF_SIZE[2]
 
@@ -241,7 +242,8 @@ UNSEEN_OBJECTS = [
     ),
     ObjectSpec(
         "green cone", (0.1, 0.6, 0.15),
-        [hull(np.vstack([ring_points(0.022, 0.0, 24), [[0, 0, 0.05]]]))], 0.014, 0.0,
+        # Blunt tip: a sharp cone's steep sides slip out of the fingers while carrying.
+        [hull(np.vstack([ring_points(0.022, 0.0, 24), ring_points(0.007, 0.045, 12)]))], 0.012, 0.0,
     ),
     ObjectSpec(
         "purple hexagonal prism", (0.55, 0.15, 0.8),
@@ -755,6 +757,10 @@ class PutOnScene(BaseEnv):
             n: build_actor(self.scene, OBJECTS[n], self.parking[n], kinematic=False)
             for n in object_names
         }
+        for actor in self.objects.values():
+            # PhysX has no rolling resistance: without damping a released ball or capsule can
+            # keep rolling off the receptacle.
+            actor.set_angular_damping(ROLLING_DAMPING)
         # Receptacles never move during an episode: kinematic bodies cost no simulation.
         self.receptacles = {
             n: build_actor(self.scene, RECEPTACLES[n], self.parking[n], kinematic=True)
