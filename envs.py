@@ -1367,8 +1367,8 @@ def save_contact_sheet(rows: list[tuple[str, ExpertRollout]], path: str) -> None
 
 def main(args: Args) -> None:
     splits = list(SPLITS) if args.split == "all" else [args.split]
-    for split in splits:
-        check_split(split)
+    if args.split != "all" and args.split not in SPLITS:
+        raise SystemExit(f"unknown split {args.split!r}; valid: all, {', '.join(SPLITS)}")
     rows = []
     for split in splits:
         start = time.perf_counter()

@@ -78,7 +78,7 @@ class Args:
     num_envs: int = 64
     """parallel environments, NUM_ENVS / GROUP_SIZE groups per iteration (paper: 64)"""
     group_size: int = 8
-    """G: environments per group, all started from the same episode id (initial state)"""
+    """G: environments per group, all started from the same episode id (the paper does not give G)"""
     max_episode_steps: int = 80
     """episode horizon, no early termination (paper: 80); each iteration runs one episode per env"""
     image_size: int | None = None
@@ -169,7 +169,8 @@ def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> tor
     """Per-sample estimate of KL(policy || reference) from samples of the rollout policy.  [B]
 
     The "k3" estimator of DeepSeekMath's GRPO: r - log r - 1 with r = p_ref / p_new. It is
-    never negative and, unlike -log r, its gradient pulls the policy back toward the reference.
+    never negative, and its gradient (1 - r) * grad log p_new pulls the policy back toward the
+    reference; the plain log-ratio's gradient would average to zero on the policy's own samples.
     """
     log_r = ref_logprob - new_logprob
     return log_r.exp() - log_r - 1
@@ -246,7 +247,7 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac")}
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
         if args.kl_coef > 0:
             stats["kl_ref"] = []
         minibatches_per_step = 0
@@ -270,7 +271,8 @@ def main(args: Args) -> dict[str, float]:
                 (loss / args.grad_accum_steps).backward()
                 minibatches_per_step += 1
                 if minibatches_per_step == args.grad_accum_steps or start + args.minibatch_size >= batch_size:
-                    torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    stats["grad_norm"].append(grad_norm.item())
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     minibatches_per_step = 0
