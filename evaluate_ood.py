@@ -1,7 +1,7 @@
 """Evaluate checkpoints on every out-of-distribution split: a table, a bar chart, JSON and CSV.
 
 The last step of "What Can RL Bring to VLA Generalization?" (Liu et al., 2025; facts in
-../shared/PAPER.md): each policy runs on the training distribution (`ind`) and on 14 OOD
+../shared/PAPER.md): each policy runs on the training distribution (`ind`) and on 15 OOD
 splits in three dimensions (vision, semantics, execution), sampling at temperature 0.6, over
 several seeds; an episode counts as a success when the object rests on the receptacle at the
 final step. Every checkpoint plays the SAME episodes (initial states), so the columns of the
@@ -45,7 +45,7 @@ class Args:
     checkpoint: Annotated[list[str], tyro.conf.UseAppendAction]
     """checkpoint to evaluate (required, repeatable): a run directory (or its checkpoint/ folder) written by sft_warmup.py, ppo_vla.py, grpo_vla.py or dpo_vla.py, or 'base' for the model without adapter; NAME=PATH sets its column label (default: the run directory's name)"""
     splits: tuple[str, ...] = ("all",)
-    """'all' (ind + 14 OOD splits), dimensions ('vision', 'semantics', 'execution'), split names, or 'toy' (the synthetic test task)"""
+    """'all' (ind + 15 OOD splits), dimensions ('vision', 'semantics', 'execution'), split names, or 'toy' (the synthetic test task)"""
     episodes: int = 64
     """episodes per split and seed (64 x 3 seeds: the paper's rates are multiples of 1/192)"""
     seeds: tuple[int, ...] = (0, 1, 2)
