@@ -1124,6 +1124,7 @@ class VecEnv:
         self.rng = np.random.default_rng(seed)
         self.episode_ids = np.zeros(num_envs, dtype=np.int64)
         self.instructions: list[str] = [""] * num_envs
+        self._sent: tuple[str, list[tuple]] | None = None  # a call sent and not yet received
         if num_workers is None:
             num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
         self.tasks: list[PutOnTask] = []
@@ -1151,13 +1152,27 @@ class VecEnv:
 
     def call(self, method: str, *per_env_args: Sequence[Any]) -> list[Any]:
         """Run PutOnTask.method on every env; per_env_args are sequences of length num_envs."""
+        self._send(method, *per_env_args)
+        return self._receive()
+
+    def _send(self, method: str, *per_env_args: Sequence[Any]) -> None:
+        """Start a call: worker processes get it at once; in-process envs run it in _receive."""
+        if self._sent is not None:
+            raise RuntimeError("step_async() must be followed by step_wait() before the next call")
         args = list(zip(*per_env_args, strict=True)) if per_env_args else [()] * self.num_envs
-        if self.tasks:
-            return [getattr(task, method)(*a) for task, a in zip(self.tasks, args, strict=True)]
+        self._sent = (method, args)
         start = 0
         for _, pipe, n in self.workers:  # send to all first, so the workers run in parallel
             pipe.send((method, args[start:start + n]))
             start += n
+
+    def _receive(self) -> list[Any]:
+        """The per-env results of the call _send started."""
+        if self._sent is None:
+            raise RuntimeError("step_wait() called without step_async()")
+        (method, args), self._sent = self._sent, None
+        if self.tasks:
+            return [getattr(task, method)(*a) for task, a in zip(self.tasks, args, strict=True)]
         # Read every reply before raising, or a failed worker would leave the others' answers
         # in their pipes and desynchronise the next call.
         replies = [pipe.recv() for _, pipe, _ in self.workers]
@@ -1175,10 +1190,21 @@ class VecEnv:
         return {"image": np.stack([r[0] for r in results]), "instruction": list(self.instructions)}
 
     def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, dict]:
-        actions = np.asarray(actions, dtype=np.float32)
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Send the actions to the worker processes and return at once (in-process envs only
+        keep them), so the caller can work while the workers step. step_wait() must come next:
+        any other call in between raises."""
+        actions = np.array(actions, dtype=np.float32)  # a copy: the caller may reuse its array
         if actions.shape != (self.num_envs, 7):
             raise ValueError(f"actions must have shape ({self.num_envs}, 7), got {actions.shape}")
-        results = self.call("step", list(actions))
+        self._send("step", list(actions))
+
+    def step_wait(self) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+        """Wait for the step step_async() started; returns what step() returns."""
+        results = self._receive()
         images, rewards, dones, infos = zip(*results, strict=True)
         obs = {"image": np.stack(images), "instruction": list(self.instructions)}
         info = {key: np.array([i[key] for i in infos]) for key in infos[0]}
