@@ -4,7 +4,7 @@ export VK_ICD_FILENAMES ?= /usr/share/vulkan/icd.d/lvp_icd.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo splits bench clean
 
 setup: .venv/.installed
 	@bash scripts/setup_vulkan.sh
@@ -24,8 +24,19 @@ lint: setup
 test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
 
+# The study at tiny scale: SFT warm-up -> PPO, an SFT baseline, OOD evaluation (scripts/demo.sh).
 demo: setup
+	PY=$(PY) bash scripts/demo.sh
+
+# Every benchmark, one after the other (each prints RESULT lines with ratios measured in one run).
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_sampling.py --threads 1
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_update.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_rollout.py
+
+# The expert on every split, as a contact sheet (docs/splits.png).
+splits: setup
 	$(PY) envs.py --split all --episodes 2 --out results/contact_sheet.png
 
 clean:
-	rm -rf runs results demos
+	rm -rf runs results demos demo

@@ -270,7 +270,7 @@ def collect_demonstrations(args: Args, demo_dir: Path, image_size: int) -> list[
                             seed=args.demo_seed, max_episode_steps=args.max_episode_steps)
         # Success can only be held for as many steps as the horizon has (the toy task has one).
         success_steps = min(args.steps_after_success, args.max_episode_steps)
-        attempts, frames, start = 0, 0, time.perf_counter()
+        attempts, successes, frames, start = 0, 0, 0, time.perf_counter()  # this run's own
         bar = tqdm(total=wanted, initial=have, desc=f"demonstrations ({args.split})", unit="demo")
         try:
             while have < wanted:
@@ -283,13 +283,13 @@ def collect_demonstrations(args: Args, demo_dir: Path, image_size: int) -> list[
                     write_chunk(demo_dir, slots, demos, env_info)
                     records += [{"slot": s, "success": d.success} for s, d in zip(slots, demos, strict=True)]
                     new = sum(d.success for d in demos)
-                    have, attempts = have + new, attempts + len(demos)
+                    have, successes, attempts = have + new, successes + new, attempts + len(demos)
                     frames += sum(len(d.actions) for d in demos)
                     bar.update(min(new, wanted - bar.n))
-                    bar.set_postfix(expert_success=f"{have / attempts:.0%}")
-                if have < wanted and attempts >= 20 and have < 0.1 * attempts:
-                    raise DemoError(f"the expert succeeded in only {have} of {attempts} episodes "
-                                    f"on split {args.split!r}")
+                    bar.set_postfix(expert_success=f"{successes / attempts:.0%}")
+                if have < wanted and attempts >= 20 and successes < 0.1 * attempts:
+                    raise DemoError(f"the expert succeeded in only {successes} of {attempts} "
+                                    f"episodes on split {args.split!r}")
         finally:
             bar.close()
             envs.close()

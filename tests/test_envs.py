@@ -349,3 +349,10 @@ def test_vec_env_interface_with_worker_processes():
             envs.step(np.zeros((2, 7), np.float32))
         obs = envs.reset()  # ids drawn from the env's seeded RNG
         assert len(set(envs.episode_ids)) == 2
+        # set_split rebuilds the scenes in the same workers (evaluate_ood.py's split loop).
+        envs.set_split("unseen_objects")
+        obs = envs.reset(episode_ids=[1, 2])
+        assert envs.split == "unseen_objects"
+        assert obs["instruction"] == [E.decode_episode("unseen_objects", i).instruction for i in (1, 2)]
+        for state, i in zip(envs.call("state"), (1, 2), strict=True):  # the rest pose again
+            np.testing.assert_allclose(state["qpos"], E.decode_episode("unseen_objects", i).robot_qpos, atol=1e-5)
