@@ -247,27 +247,29 @@ def evaluate_on_splits(
     worker costs ~10 s of imports and Vulkan start-up, switching its split ~0.4 s (measured)."""
     results: dict[str, list[EpisodeOutcomes]] = {}
     envs = None
-    for split in splits:
-        progress.set_description(f"{label} | {split}")
-        if envs is not None and split != "toy" and envs.split != "toy":
-            envs.set_split(split)
-        else:
-            if envs is not None:
-                envs.close()
-            envs = make_vec_env(split, min(args.num_envs, args.episodes), image_size=image_size,
-                                seed=args.seeds[0], max_episode_steps=args.max_episode_steps,
-                                num_workers=args.num_workers)
-        results[split] = []
-        for i, seed in enumerate(args.seeds):
-            # The sampling noise is paired too: same (seed, split), same random numbers.
-            torch.manual_seed(zlib.crc32(f"{seed}/{split}".encode()))
-            ids = episode_ids_for(seed, split, args.episodes)
-            outcomes, videos = run_episodes(policy, envs, ids, args.temperature,
-                                            num_videos=args.video if i == 0 else 0, progress=progress)
-            results[split].append(outcomes)
-            save_videos(videos, outcomes, Path(args.output_dir) / "videos" / label, split, seed)
-    if envs is not None:
-        envs.close()
+    try:
+        for split in splits:
+            progress.set_description(f"{label} | {split}")
+            if envs is None or "toy" in (split, envs.split):  # the toy task has no workers to reuse
+                if envs is not None:
+                    envs.close()
+                envs = make_vec_env(split, min(args.num_envs, args.episodes), image_size=image_size,
+                                    seed=args.seeds[0], max_episode_steps=args.max_episode_steps,
+                                    num_workers=args.num_workers)
+            else:
+                envs.set_split(split)
+            results[split] = []
+            for i, seed in enumerate(args.seeds):
+                # The sampling noise is paired too: same (seed, split), same random numbers.
+                torch.manual_seed(zlib.crc32(f"{seed}/{split}".encode()))
+                ids = episode_ids_for(seed, split, args.episodes)
+                outcomes, videos = run_episodes(policy, envs, ids, args.temperature,
+                                                num_videos=args.video if i == 0 else 0, progress=progress)
+                results[split].append(outcomes)
+                save_videos(videos, outcomes, Path(args.output_dir) / "videos" / label, split, seed)
+    finally:
+        if envs is not None:
+            envs.close()
     return results
 
 
