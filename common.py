@@ -1,664 +1,84 @@
-"""The OpenVLA model, its action tokens, the shared actor-critic, rollouts and checkpoints.
+"""The RL agent on an OpenVLA, the episode loop, checkpoints and the helpers every script shares.
 
-Every algorithm script (SFT, PPO, GRPO, DPO, evaluation) imports this one file. Read it top to
-bottom; the sections are in the order the data flows:
+Every algorithm script (SFT, PPO, GRPO, DPO, evaluation) imports this file; the model itself is
+in model.py, the tasks in envs.py. Read top to bottom:
 
-  1. config and presets   `tiny` (random weights, built in code) | `openvla-7b` (weights on disk)
-  2. action tokenizer     256 bins on [-1, 1] <-> the LAST 256 ids of the text vocabulary
-  3. model                DINOv2 + SigLIP patches -> projector -> Llama, patches right after BOS
-  4. loading              the official checkpoint layout (and writing it, for tests and exports)
-  5. actor-critic         LoRA policy + value head on h0: act() samples, evaluate() re-scores
-  6. rollout              collect_rollout() over a VecEnv (docs/DESIGN.md)
-  7. checkpoints          atomic save, strict load
-  8. helpers              device, RNG state, memory, evaluate_policy() for the scripts
+  1. actor-critic   the VLA with LoRA is the policy, a value head reads h0: act() samples,
+                    score_actions() re-scores given actions (one teacher-forced forward)
+  2. agent set-up   make_agent(): fresh, from --init-checkpoint or --resume; flags checked
+  3. episode loop   EpisodeLoop: any policy (agent, expert, random) in a vector env, carrying
+                    the last observation across calls; evaluate_policy() on fixed episode ids
+  4. checkpoints    atomic save, strict load, stale temp dirs cleaned
+  5. helpers        devices, seeds, RNG state, finite checks, torch.distributed
 
-Facts and numbers come from PAPER.md (shared/); the interfaces from docs/DESIGN.md.
+Facts and numbers: arXiv 2505.19789, summarised in docs/PAPER_NOTES.md.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
 import math
+import os
 import random
 import resource
 import shutil
-import string
+import sys
 import tempfile
-from collections.abc import Callable
+import time
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from accelerate import init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from timm.layers import LayerScale
-from tokenizers import Tokenizer, decoders, models, normalizers
-from transformers import (
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
+from transformers import DynamicCache, PreTrainedTokenizerFast
+
+from envs import MAX_EPISODE_ID, RenderingUnavailable
+from model import (
+    ACTION_DIM,
+    NUM_ACTION_BINS,
+    ActionTokenizer,
+    CheckpointError,
+    NormStats,
+    OpenVLA,
+    PromptInputs,
+    build_tiny_vla,
+    cast_parameters,
+    load_openvla_dir,
+    model_dtype,
+    model_image_size,
+    parse_file,
+    position_ids_from_mask,
+    predicting_hidden_states,
+    prepare_inputs,
+    run_language_model,
+    weights_fingerprint,
 )
 
-# =============================================================================================
-# 1. Config and presets
-# =============================================================================================
-
-ACTION_DIM = 7  # dx, dy, dz, droll, dpitch, dyaw, gripper
-GRIPPER_DIM = 6
-NUM_ACTION_BINS = 256
-PROMPT_TEMPLATE = "In: What action should the robot take to {}?\nOut:"
-EMPTY_PIECE = "\u2581"  # SentencePiece's bare word boundary "▁" (Llama id 29871): ends prompts
-
-DINOV2_TIMM_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
-SIGLIP_TIMM_ID = "vit_so400m_patch14_siglip_224"
-# The 6 input channels: the same image normalised once for each tower.
-DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
-SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-PRESETS = ("tiny", "openvla-7b")
 CRITIC_MODES = ("h0", "last", "concat", "separate")
-TINY_IMAGE_SIZE = 112  # 112 px / patch 14 = 8 x 8 = 64 patches per tower
-TINY_BASE_SEED = 20250519  # fixed: every tiny base is identical, so any saved LoRA fits any run
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or model directory is missing, corrupt or does not match. One-line message."""
-
-
-def parse_file(path: Path, reader: Callable[[Path], Any]) -> Any:
-    """reader(path), with any parsing failure turned into a one-line CheckpointError."""
-    try:
-        return reader(path)
-    except Exception as err:  # safetensors, pickle and json all raise their own types
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is corrupt: {message}") from None
-
-
-@dataclass
-class VLAConfig:
-    """The model's shape. Field names follow the official OpenVLA config.json."""
-
-    timm_model_ids: list[str]  # [DINOv2 tower, SigLIP tower]
-    image_sizes: list[int]  # input resolution of each tower (equal)
-    text_config: dict[str, Any]  # LlamaConfig fields; vocab_size is the padded embedding size
-    pad_token_id: int  # = size of the text vocabulary (32000): the pad token is appended to it
-    timm_override_act_layers: list[str | None] = field(default_factory=lambda: [None, None])
-    # Not in the official config: timm keyword overrides that shrink the towers (tiny preset).
-    timm_model_kwargs: list[dict[str, Any]] = field(default_factory=lambda: [{}, {}])
-    pad_to_multiple_of: int = 64
-    n_action_bins: int = NUM_ACTION_BINS
-    use_fused_vision_backbone: bool = True
-
-    @property
-    def image_size(self) -> int:
-        return self.image_sizes[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VLAConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def padded_vocab_size(text_vocab_size: int, multiple: int = 64) -> int:
-    """Embedding rows: the text vocabulary + 1 pad token, rounded up (32000 + 1 -> 32064)."""
-    return math.ceil((text_vocab_size + 1) / multiple) * multiple
-
-
-def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
-    """The same modules as OpenVLA-7B at toy width and depth: 1.87M weights (7B: 7.54B)."""
-    return VLAConfig(
-        timm_model_ids=[DINOV2_TIMM_ID, SIGLIP_TIMM_ID],
-        timm_model_kwargs=[
-            dict(embed_dim=64, depth=3, num_heads=2),  # DINOv2-L: 1024 wide, 24 deep
-            dict(embed_dim=96, depth=3, num_heads=2),  # SigLIP-So400m: 1152 wide, 27 deep
-        ],
-        image_sizes=[image_size, image_size],
-        text_config=dict(
-            vocab_size=padded_vocab_size(text_vocab_size),
-            hidden_size=128,  # Llama-2-7B: 4096, 11008, 32 layers, 32 heads
-            intermediate_size=344,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-            rms_norm_eps=1e-6,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=text_vocab_size,
-            tie_word_embeddings=False,
-            # Llama's default 0.02 leaves a random tiny model's attention uniform and its
-            # residual stream blind to the instruction, so LoRA took hundreds of steps to learn
-            # even a one-word condition; at 0.1 it takes ~40 (measured, README "toy task").
-            initializer_range=0.1,
-        ),
-        pad_token_id=text_vocab_size,
-    )
-
-
-# Words that get a single "▁word" piece in the tiny tokenizer; anything else is spelled out in
-# characters (or UTF-8 bytes), so every instruction can be tokenized.
-TINY_WORDS = """
-In What action should the robot take to
-put place pick move push lift stack grasp grab set drop bring open close turn reach go
-on onto in into top of at near next beside left right front behind up down and a an it from
-with the this that its is
-plate bowl cup mug carrot eggplant spoon fork knife banana apple orange lemon peach pear
-strawberry tomato potato corn bread cube block can bottle sponge towel basket box tray pot pan
-sink table drawer shelf cloth coke pepsi sprite ball toy object target square receptacle
-red green blue yellow white black purple pink brown gray grey
-""".split()
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-like SentencePiece (unigram) tokenizer built in code: no download, always the same.
-
-    Ids: <unk> <s> </s> (0-2, as in Llama), 256 byte-fallback pieces, "▁", printable characters,
-    "▁word" pieces, then 256 pieces that text never produces (they hold the action bins, like
-    Llama's last 256 ids), then <pad> (= the text vocabulary size, like OpenVLA's 32000).
-    """
-    never = -1e4  # a score no character path loses to: text never yields these pieces
-    pieces = [("<unk>", never), ("<s>", never), ("</s>", never)]
-    pieces += [(f"<0x{b:02X}>", never) for b in range(256)]
-    pieces += [(EMPTY_PIECE, -3.0)]
-    pieces += [(c, -5.0) for c in string.printable if not c.isspace()]
-    pieces += [(EMPTY_PIECE + w, -1.0) for w in dict.fromkeys(TINY_WORDS)] + [("Out", -1.0)]
-    pieces += [(f"<action_{i:03d}>", never) for i in range(NUM_ACTION_BINS)]
-
-    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
-    # Like Llama: spaces become "▁" and the text starts with one.
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend(EMPTY_PIECE), normalizers.Replace(" ", EMPTY_PIECE)]
-    )
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace(EMPTY_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
-         decoders.Strip(" ", 1, 0)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # id = len(pieces), past the text vocab
-    return tokenizer
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (as the paper trains), fp32 on CPU (where bf16 is slow and imprecise)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
+DEFAULT_LORA_RANK, DEFAULT_LORA_ALPHA = 32, 16  # arXiv 2505.19789: LoRA rank 32, alpha 16
 
 # =============================================================================================
-# 2. Action tokenizer and normalisation statistics
+# 1. Actor-critic
 # =============================================================================================
-
-
-class ActionTokenizer:
-    """Normalised actions in [-1, 1] <-> the last 256 ids of the text vocabulary.
-
-    encode: 256 uniform bin edges, np.digitize -> bin in 1..256, token = vocab_size - bin.
-    decode: bin = vocab_size - token, clip(bin - 1, 0, 254) -> one of the 255 bin centres.
-    """
-
-    def __init__(self, vocab_size: int, n_bins: int = NUM_ACTION_BINS) -> None:
-        self.vocab_size = vocab_size  # text vocabulary without the pad token (32000)
-        self.n_bins = n_bins
-        self.bins = np.linspace(-1.0, 1.0, n_bins)  # [256] edges
-        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2  # [255]
-        self.first_id = vocab_size - n_bins  # action ids are first_id .. vocab_size - 1
-
-    def encode(self, actions: np.ndarray) -> np.ndarray:
-        """[..., 7] float in [-1, 1] (clipped) -> [..., 7] int64 token ids."""
-        x = np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0)
-        return (self.vocab_size - np.digitize(x, self.bins)).astype(np.int64)
-
-    def decode(self, token_ids: np.ndarray | torch.Tensor) -> np.ndarray:
-        """[..., 7] token ids -> [..., 7] float32 normalised actions (bin centres)."""
-        bins = self.vocab_size - np.asarray(token_ids, dtype=np.int64)
-        return self.bin_centers[np.clip(bins - 1, 0, len(self.bin_centers) - 1)].astype(np.float32)
-
-
-@dataclass
-class NormStats:
-    """Per-dimension 1st/99th percentiles of the training actions: a = 0.5 (x + 1)(q99 - q01) + q01.
-
-    `mask` is False where a dimension is left raw (the gripper). The gripper is then binarised:
-    > 0.5 -> +1 (open), else -1 (close), the env's convention.
-    """
-
-    q01: np.ndarray  # [7]
-    q99: np.ndarray  # [7]
-    mask: np.ndarray = field(default_factory=lambda: np.arange(ACTION_DIM) != GRIPPER_DIM)
-
-    def __post_init__(self) -> None:
-        self.q01 = np.asarray(self.q01, dtype=np.float64)
-        self.q99 = np.asarray(self.q99, dtype=np.float64)
-        self.mask = np.asarray(self.mask, dtype=bool)
-
-    @classmethod
-    def identity(cls) -> NormStats:
-        """No statistics: q01 = -1, q99 = 1, so actions pass through unchanged."""
-        return cls(q01=-np.ones(ACTION_DIM), q99=np.ones(ACTION_DIM))
-
-    def unnormalize(self, x: np.ndarray) -> np.ndarray:
-        """[..., 7] normalised -> [..., 7] float32 env actions, gripper binarised."""
-        x = np.asarray(x, dtype=np.float64)
-        a = np.where(self.mask, 0.5 * (x + 1.0) * (self.q99 - self.q01) + self.q01, x)
-        a[..., GRIPPER_DIM] = np.where(a[..., GRIPPER_DIM] > 0.5, 1.0, -1.0)
-        return a.astype(np.float32)
-
-    def normalize(self, a: np.ndarray) -> np.ndarray:
-        """[..., 7] env actions -> [..., 7] float32 in [-1, 1] (gripper left raw): SFT targets."""
-        a = np.asarray(a, dtype=np.float64)
-        scale = np.maximum(self.q99 - self.q01, 1e-8)
-        x = np.where(self.mask, 2.0 * (a - self.q01) / scale - 1.0, a)
-        return np.clip(x, -1.0, 1.0).astype(np.float32)
-
-    def to_dict(self) -> dict[str, list]:
-        return {"q01": self.q01.tolist(), "q99": self.q99.tolist(), "mask": self.mask.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NormStats:
-        mask = d.get("mask")
-        if mask is None:
-            return cls(q01=d["q01"], q99=d["q99"])
-        return cls(q01=d["q01"], q99=d["q99"], mask=mask)
-
-
-# =============================================================================================
-# 3. Model: fused ViTs -> projector -> Llama
-# =============================================================================================
-
-
-class LayerScaleFactor(nn.Module):
-    """timm's LayerScale with its weight named `scale_factor`, the official checkpoint's name.
-
-    (Prismatic renamed `gamma` because old Hugging Face loaders rewrote keys containing "gamma".)
-    """
-
-    def __init__(self, gamma: torch.Tensor) -> None:
-        super().__init__()
-        self.scale_factor = nn.Parameter(gamma.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale_factor
-
-
-def create_vit(config: VLAConfig, tower: int) -> nn.Module:
-    """Tower 0 (DINOv2) or 1 (SigLIP): a timm ViT with no classifier head, never pretrained
-    (the weights come from our own files), with LayerScale renamed as in the checkpoint."""
-    overrides = dict(config.timm_model_kwargs[tower])
-    if config.timm_override_act_layers[tower]:
-        overrides["act_layer"] = config.timm_override_act_layers[tower]
-    vit = timm.create_model(config.timm_model_ids[tower], pretrained=False, num_classes=0,
-                            img_size=config.image_sizes[tower], **overrides)
-    for block in vit.blocks:
-        if isinstance(block.ls1, LayerScale):
-            block.ls1 = LayerScaleFactor(block.ls1.gamma)
-            block.ls2 = LayerScaleFactor(block.ls2.gamma)
-    return vit
-
-
-def patch_features(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, S, S] -> [B, P, D]: patch tokens of the SECOND-TO-LAST block, prefix tokens dropped.
-
-    (OpenVLA reads that block, as Prismatic found it beats the last one; the last block and the
-    pooling head are never run, but stay in the model so the official weights load strictly.)
-    """
-    (features,) = vit.forward_intermediates(
-        pixels, indices=[len(vit.blocks) - 2], stop_early=True, output_fmt="NLC",
-        intermediates_only=True,
-    )
-    return features
-
-
-class FusedVisionBackbone(nn.Module):
-    """DINOv2 (`featurizer`) and SigLIP (`fused_featurizer`) side by side, joined per patch."""
-
-    def __init__(self, config: VLAConfig) -> None:
-        super().__init__()
-        self.featurizer, self.fused_featurizer = create_vit(config, 0), create_vit(config, 1)
-        self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim  # 2176
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        dino_pixels, siglip_pixels = pixels.split([3, 3], dim=1)  # [B, 6, S, S] -> 2 x [B, 3, S, S]
-        return torch.cat(
-            [patch_features(self.featurizer, dino_pixels),
-             patch_features(self.fused_featurizer, siglip_pixels)],
-            dim=-1,
-        )  # [B, P, 1024 + 1152]
-
-
-class Projector(nn.Module):
-    """Patch features -> LLM embeddings: 2176 -> 8704 -> 4096 -> 4096 with GELUs."""
-
-    def __init__(self, vision_dim: int, llm_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
-        self.act_fn1 = nn.GELU()
-        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
-        self.act_fn2 = nn.GELU()
-        self.fc3 = nn.Linear(llm_dim, llm_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(x)))))
-
-
-IMAGE_PLACEHOLDER = -1  # marks the patch positions in input_ids; replaced by projected patches
-
-
-class OpenVLA(nn.Module):
-    """The VLA. Module names match the official checkpoint's weight names."""
-
-    def __init__(self, config: VLAConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.vision_backbone = FusedVisionBackbone(config)
-        text_config = LlamaConfig(**config.text_config)
-        self.projector = Projector(self.vision_backbone.embed_dim, text_config.hidden_size)
-        self.language_model = LlamaForCausalLM(text_config)
-
-    @property
-    def num_patches(self) -> int:
-        return self.vision_backbone.featurizer.patch_embed.num_patches  # (S / 14)^2
-
-    def embed_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, L] with IMAGE_PLACEHOLDER at patch positions -> embeddings [B, L, D]."""
-        patches = self.projector(self.vision_backbone(pixel_values))  # [B, P, D]
-        is_patch = input_ids == IMAGE_PLACEHOLDER  # exactly P per row, in order
-        embeds = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
-        return embeds.masked_scatter(is_patch.unsqueeze(-1), patches.to(embeds.dtype))
-
-
-def preprocess_images(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> [B, 6, S, S]: resized, normalised for DINOv2 and for SigLIP."""
-    x = torch.as_tensor(np.asarray(images)).to(device)  # move uint8: 4x less to copy
-    x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W] in [0, 1]
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-
-    def normalise(mean: tuple, std: tuple) -> torch.Tensor:
-        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
-
-    return torch.cat([normalise(DINOV2_MEAN, DINOV2_STD), normalise(SIGLIP_MEAN, SIGLIP_STD)],
-                     dim=1).to(dtype)
-
-
-def build_prompt(instruction: str) -> str:
-    return PROMPT_TEMPLATE.format(instruction.lower())
-
-
-def tokenize_prompts(tokenizer: PreTrainedTokenizerFast,
-                     instructions: list[str]) -> list[list[int]]:
-    """Prompt ids per instruction: BOS, the prompt, and "▁" at the end if the text did not end so.
-
-    (OpenVLA was trained with the "▁" last, so the first action token always follows it.)
-    """
-    empty_id = tokenizer.convert_tokens_to_ids(EMPTY_PIECE)
-    texts = tokenizer([build_prompt(i) for i in instructions], add_special_tokens=False).input_ids
-    return [[tokenizer.bos_token_id] + ids + ([] if ids[-1] == empty_id else [empty_id])
-            for ids in texts]
-
-
-def build_input_ids(prompt_ids: list[list[int]], num_patches: int,
-                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded [B, L] ids (patch slots right after BOS) and attention mask.
-
-    Left padding puts every prompt's last token in the last column, where decoding continues.
-    """
-    rows = [ids[:1] + [IMAGE_PLACEHOLDER] * num_patches + ids[1:] for ids in prompt_ids]
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = torch.tensor(row)
-        attention_mask[i, length - len(row):] = 1
-    return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] -> [B, L]: 0, 1, 2, ... from each row's first real token (pads get 0)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def run_language_model(vla: OpenVLA, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor,
-                       cache: DynamicCache | None = None) -> torch.Tensor:
-    """Llama decoder over embeds [B, L, D] -> last-layer hidden states [B, L, D].
-
-    With a cache, attention_mask covers cached + new positions and the cache grows in place.
-    """
-    out = vla.language_model.model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=cache is not None,
-    )
-    return out.last_hidden_state
-
-
-def build_tiny_vla(image_size: int = TINY_IMAGE_SIZE) -> tuple[OpenVLA, PreTrainedTokenizerFast]:
-    """Random tiny OpenVLA on CPU in fp32, identical on every call (fixed base seed)."""
-    if image_size % 14:
-        raise ValueError(f"image_size must be a multiple of the patch size 14, got {image_size}")
-    tokenizer = build_tiny_tokenizer()
-    config = tiny_vla_config(image_size, text_vocab_size=tokenizer.vocab_size)
-    with torch.random.fork_rng():  # leave the caller's RNG streams untouched
-        torch.manual_seed(TINY_BASE_SEED)
-        vla = OpenVLA(config)
-        smooth_action_rows(vla, ActionTokenizer(tokenizer.vocab_size))
-    return vla.eval(), tokenizer
-
-
-@torch.no_grad()
-def smooth_action_rows(vla: OpenVLA, action_tokenizer: ActionTokenizer, num_features: int = 4) -> None:
-    """Make the action tokens' output and input rows smooth functions of their bin's value.
-
-    A pretrained VLA has learned that neighbouring bins mean neighbouring actions; a random
-    one has not, and RL must then raise each of the 256 bins' probabilities one by one (the
-    toy PPO test stayed at chance for 30 iterations). With rows built from a few Fourier
-    features of the bin value, one LoRA direction moves probability mass smoothly towards
-    larger or smaller actions, as it does in a pretrained model.
-    """
-    ids = torch.arange(action_tokenizer.first_id, action_tokenizer.vocab_size)  # [256]
-    values = torch.as_tensor(action_tokenizer.decode(ids.numpy()), dtype=torch.float32)  # [256]
-    k = torch.arange(1, num_features + 1, dtype=torch.float32)
-    features = torch.cat([values[:, None], torch.cos(torch.pi * k * values[:, None] / 2),
-                          torch.sin(torch.pi * k * values[:, None] / 2)], dim=1)  # [256, F]
-    for weight in (vla.language_model.lm_head.weight, vla.language_model.model.embed_tokens.weight):
-        projection = torch.randn(features.shape[1], weight.shape[1]) * weight.std() / features.shape[1] ** 0.5
-        weight[ids] = features @ projection + 0.1 * weight[ids]
-
-
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short hash of the base weights (names, shapes, a strided sample of values).
-
-    Stored in checkpoints: LoRA adapters only make sense on the exact base they were trained on.
-    Values are rounded to bf16 first, so the same base hashes the same in fp32 (CPU) and bf16.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        flat = state_dict[name].detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].bfloat16().float().cpu().numpy()
-        digest.update(f"{name}{tuple(state_dict[name].shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cast_parameters(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move to device and cast parameters only: buffers such as rotary inv_freq stay fp32
-    (in bf16 they would shift every rotary angle)."""
-    module.to(device)
-    for param in module.parameters():
-        param.data = param.data.to(dtype)
-    return module
-
-
-# =============================================================================================
-# 4. Loading the official checkpoint layout
-# =============================================================================================
-
-
-def read_norm_stats(model_dir: Path, config_json: dict, unnorm_key: str | None) -> NormStats:
-    """Action statistics from config.json's `norm_stats` or dataset_statistics.json.
-
-    Both map dataset name -> {"action": {"q01", "q99", "mask", ...}}; pick `unnorm_key` or the
-    only key. No statistics at all: identity (-1 / 1).
-    """
-    stats = config_json.get("norm_stats")
-    if not stats and (model_dir / "dataset_statistics.json").exists():
-        stats = json.loads((model_dir / "dataset_statistics.json").read_text())
-    if not stats:
-        return NormStats.identity()
-    if unnorm_key is None:
-        if len(stats) != 1:
-            raise CheckpointError(f"{model_dir} has action statistics for {len(stats)} datasets; "
-                                  f"choose one with unnorm_key= from {sorted(stats)}")
-        unnorm_key = next(iter(stats))
-    if unnorm_key not in stats:
-        raise CheckpointError(f"unnorm_key {unnorm_key!r} not in {model_dir}'s statistics "
-                              f"{sorted(stats)}")
-    return NormStats.from_dict(stats[unnorm_key]["action"])
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The weight files: the shards in model.safetensors.index.json, or model.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").exists():
-        names = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{model_dir} has no weights: expected model.safetensors.index.json "
-                              "with its shards, or model.safetensors")
-    missing = [name for name in names if not (model_dir / name).exists()]
-    if missing:
-        raise CheckpointError(f"{model_dir} is missing weight shard(s): {', '.join(missing)}")
-    return [model_dir / name for name in names]
-
-
-def load_openvla_dir(model_dir: str | Path, device: torch.device, unnorm_key: str | None = None
-                     ) -> tuple[OpenVLA, PreTrainedTokenizerFast, NormStats, str]:
-    """Load an OpenVLA checkpoint directory (config.json, safetensors, tokenizer, statistics).
-
-    Weights load by their official names, strictly. Returns (vla, tokenizer, norm stats,
-    fingerprint of the weights).
-    """
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise CheckpointError(f"{model_dir}/config.json not found: expected an OpenVLA checkpoint "
-                              "directory (config.json, safetensors shards, tokenizer files)")
-    config_json = parse_file(model_dir / "config.json", lambda p: json.loads(p.read_text()))
-    missing_fields = [k for k in ("timm_model_ids", "image_sizes", "text_config", "pad_token_id")
-                      if k not in config_json]
-    if missing_fields:
-        raise CheckpointError(f"{model_dir}/config.json lacks {', '.join(missing_fields)}")
-    config = VLAConfig.from_dict(config_json)
-    config.text_config = {k: v for k, v in config.text_config.items()
-                          if k not in ("model_type", "torch_dtype", "dtype")}
-    if not config.use_fused_vision_backbone or len(config.timm_model_ids) != 2:
-        raise CheckpointError(f"{model_dir} is not a fused DINOv2 + SigLIP OpenVLA checkpoint")
-    if not (model_dir / "tokenizer.json").exists():
-        raise CheckpointError(f"{model_dir}/tokenizer.json not found (the tokenizer OpenVLA was "
-                              "trained with; its tokenizer_config.json names the special tokens)")
-    files = weight_files(model_dir)
-
-    with init_empty_weights():  # parameters on "meta": no time or memory spent on random init
-        vla = OpenVLA(config)
-    state = {}
-    for path in files:  # cast shard by shard: never two copies of all the weights at once
-        shard = parse_file(path, lambda p: load_file(p, device=str(device)))
-        state.update({name: t.to(model_dtype(device)) for name, t in shard.items()})
-    try:
-        result = vla.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:  # shape mismatch
-        raise CheckpointError(f"{model_dir}: weights do not fit config.json: "
-                              f"{str(err).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{model_dir}: weights do not match the model: "
-                              f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), "
-                              f"unexpected {result.unexpected_keys[:5]} "
-                              f"({len(result.unexpected_keys)})")
-    vla.to(device)  # the buffers (rotary inv_freq) were built on CPU
-
-    # tokenizer.json as stored, rather than a Llama class that may rebuild it differently.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-    if tokenizer.vocab_size != config.pad_token_id:
-        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} text tokens but "
-                              f"config.json's pad_token_id is {config.pad_token_id}")
-    norm_stats = read_norm_stats(model_dir, config_json, unnorm_key)
-    return vla.eval(), tokenizer, norm_stats, weights_fingerprint(state)
-
-
-def save_openvla_dir(model_dir: str | Path, vla: OpenVLA, tokenizer: PreTrainedTokenizerFast,
-                     norm_stats: dict[str, NormStats] | None = None,
-                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `vla` in the official layout: config.json, safetensors shards + index, tokenizer.
-
-    Used to test the loader without the real 7B weights, and to export merged weights.
-    """
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    config = vla.config.to_dict()
-    if not any(config["timm_model_kwargs"]):
-        del config["timm_model_kwargs"]  # the real sizes: keep the official fields only
-    config.update(
-        architectures=["OpenVLAForActionPrediction"], model_type="openvla",
-        text_config=dict(vla.config.text_config, model_type="llama"),
-        norm_stats={key: {"action": s.to_dict()} for key, s in (norm_stats or {}).items()},
-    )
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in vla.state_dict().items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
-        shard_bytes += size
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, model_dir / filename, metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
-    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    tokenizer.save_pretrained(model_dir)
-
-
-# =============================================================================================
-# 5. Shared actor-critic
-# =============================================================================================
-
-
-@dataclass
-class PromptInputs:
-    """One batch of observations, ready for the model."""
-
-    pixel_values: torch.Tensor  # [B, 6, S, S]
-    input_ids: torch.Tensor  # [B, L] left-padded, IMAGE_PLACEHOLDER at patch slots
-    attention_mask: torch.Tensor  # [B, L]
 
 
 @dataclass
 class ActOutput:
-    tokens: torch.Tensor  # long [B, 7] vocab ids
+    """What a policy returns for a batch of observations. Only `actions` is required: the
+    expert and a random policy fill nothing else."""
+
     actions: np.ndarray  # float32 [B, 7] env space, gripper binarised
-    logprob: torch.Tensor  # float [B], summed over the 7 tokens
-    value: torch.Tensor  # float [B]
+    tokens: torch.Tensor | None = None  # long [B, 7] vocab ids
+    logprob: torch.Tensor | None = None  # float [B], summed over the 7 tokens
+    value: torch.Tensor | None = None  # float [B]
 
 
 def lora_target_names(vla: OpenVLA) -> list[str]:
@@ -675,7 +95,8 @@ def lora_target_names(vla: OpenVLA) -> list[str]:
 
 
 def make_value_head(in_dim: int) -> nn.Sequential:
-    """MLP in_dim -> 512 -> 128 -> 1; the small last layer starts values near 0."""
+    """MLP in_dim -> 512 -> 128 -> 1 with GELUs; the small bias-free last layer starts values
+    near 0 (arXiv 2505.19789's value head)."""
     head = nn.Sequential(nn.Linear(in_dim, 512), nn.GELU(), nn.Linear(512, 128), nn.GELU(),
                          nn.Linear(128, 1, bias=False))
     nn.init.normal_(head[-1].weight, std=0.01)
@@ -683,21 +104,22 @@ def make_value_head(in_dim: int) -> nn.Sequential:
 
 
 class ActorCritic(nn.Module):
-    """The VLA with LoRA as the policy, plus a value head reading its hidden states.
+    """The VLA with LoRA as the policy, plus (for PPO) a value head reading its hidden states.
 
     critic= "h0": value from the last-layer hidden state at the position that predicts the
-    first action token (the last prompt token) -- the paper's choice; "last": at the position
+    first action token (the last prompt token), the paper's choice; "last": at the position
     predicting the 7th token; "concat": the 7 predicting positions concatenated; "separate": a
-    second copy of the backbone with its own LoRA, value head on its h0 (~2x memory).
+    second copy of the backbone with its own LoRA, value head on its h0 (~2x memory);
+    None: no critic at all (SFT, GRPO, DPO).
     """
 
     def __init__(self, vla: OpenVLA, tokenizer: PreTrainedTokenizerFast, norm_stats: NormStats, *,
-                 preset: str, model_path: str | None, base_fingerprint: str, critic: str = "h0",
-                 lora_rank: int = 32, lora_alpha: int = 16) -> None:
+                 model_path: str | None, base_fingerprint: str, critic: str | None = "h0",
+                 lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: int = DEFAULT_LORA_ALPHA) -> None:
         super().__init__()
-        if critic not in CRITIC_MODES:
+        if critic is not None and critic not in CRITIC_MODES:
             raise ValueError(f"critic must be one of {CRITIC_MODES}, got {critic!r}")
-        self.preset, self.model_path, self.base_fingerprint = preset, model_path, base_fingerprint
+        self.model_path, self.base_fingerprint = model_path, base_fingerprint
         self.critic_mode = critic
         self.vla_config = vla.config
         self.tokenizer = tokenizer
@@ -710,9 +132,13 @@ class ActorCritic(nn.Module):
         self.policy: PeftModel = get_peft_model(vla, self.lora_config)
         self.critic_model = (get_peft_model(critic_copy, copy.deepcopy(self.lora_config))
                              if critic_copy is not None else None)
-        hidden = vla.config.text_config["hidden_size"]
-        self.value_head = make_value_head(hidden * ACTION_DIM if critic == "concat" else hidden)
-        self.value_head.to(self.device)  # fp32 even when the model is bf16
+        self.value_head = None
+        if critic is not None:
+            hidden = vla.config.hidden_size
+            self.value_head = make_value_head(hidden * ACTION_DIM if critic == "concat" else hidden)
+            self.value_head.to(self.device)  # fp32 even when the model is bf16
+        # A frozen copy of the adapter weights, set by freeze_reference(): GRPO's KL anchor.
+        self.reference_lora: dict[str, torch.Tensor] | None = None
         self.eval()  # no dropout anywhere: train/eval modes compute the same
 
     # --- handy views ---------------------------------------------------------------------------
@@ -735,31 +161,20 @@ class ActorCritic(nn.Module):
         return self.vla_config.image_size
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if "lora_" in name]
+        return [p for name, p in self.named_parameters() if "lora_" in name and p.requires_grad]
 
     def value_head_parameters(self) -> list[nn.Parameter]:
-        return list(self.value_head.parameters())
+        return [] if self.value_head is None else list(self.value_head.parameters())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # --- inputs --------------------------------------------------------------------------------
+    # --- action distribution -------------------------------------------------------------------
 
-    def prepare_inputs(self, images: np.ndarray | torch.Tensor,
-                       instructions: list[str]) -> PromptInputs:
-        if len(images) != len(instructions):
-            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        input_ids, attention_mask = build_input_ids(
-            tokenize_prompts(self.tokenizer, list(instructions)), self.vla.num_patches,
-            self.vla_config.pad_token_id,
-        )
-        pixels = preprocess_images(images, self.image_size, self.device, self.dtype)
-        return PromptInputs(pixels, input_ids.to(self.device), attention_mask.to(self.device))
-
-    def action_logits(self, vla: OpenVLA, hidden: torch.Tensor) -> torch.Tensor:
+    def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> fp32 logits [..., 256] of the action ids only."""
         first = self.action_tokenizer.first_id
-        return vla.language_model.lm_head(hidden)[..., first:first + NUM_ACTION_BINS].float()
+        return self.vla.language_model.lm_head(hidden)[..., first:first + NUM_ACTION_BINS].float()
 
     @staticmethod
     def action_distribution(logits: torch.Tensor,
@@ -767,15 +182,29 @@ class ActorCritic(nn.Module):
         """256-way distribution of logits / temperature; temperature 0 (greedy) is scored at 1.
 
         In float64: the fp32 log-softmax rounding alone (~4e-6 over 7 tokens) would be most of
-        the 1e-5 budget between act() and evaluate(); these tensors are tiny.
+        the 1e-5 budget between act() and score_actions(); these tensors are tiny.
         """
+        if not temperature >= 0:  # also catches nan
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         temperature = temperature if temperature > 0 else 1.0
         return torch.distributions.Categorical(logits=logits.double() / temperature,
                                                validate_args=False)  # ids checked elsewhere
 
+    def check_action_tokens(self, tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        first = self.action_tokenizer.first_id
+        last = first + NUM_ACTION_BINS - 1
+        if tokens.shape[-1] != ACTION_DIM or ((tokens < first) | (tokens > last)).any():
+            raise ValueError(f"tokens must be [B, 7] action ids in {first}..{last}")
+        return tokens
+
+    def prepare_inputs(self, images: np.ndarray | torch.Tensor,
+                       instructions: Sequence[str]) -> PromptInputs:
+        return prepare_inputs(self.vla, self.tokenizer, images, instructions)
+
     # --- sampling ------------------------------------------------------------------------------
 
-    def sample_action_tokens(self, vla: OpenVLA, embeds: torch.Tensor, attention_mask: torch.Tensor,
+    def sample_action_tokens(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
                              temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode 7 action tokens with a KV cache.
 
@@ -783,6 +212,7 @@ class ActorCritic(nn.Module):
         at the 7 positions that predicted them [B, 7, D] (index 0 is h0). One prefill, then 6
         one-token steps: the 7th token's own hidden state is never needed.
         """
+        vla = self.vla
         cache = DynamicCache(config=vla.language_model.config)
         positions = position_ids_from_mask(attention_mask)
         hidden = run_language_model(vla, embeds, attention_mask, positions, cache)[:, -1]  # h0
@@ -790,7 +220,7 @@ class ActorCritic(nn.Module):
         tokens, logprob, predicting_hidden = [], 0.0, []
         for step in range(ACTION_DIM):
             predicting_hidden.append(hidden)
-            dist = self.action_distribution(self.action_logits(vla, hidden), temperature)
+            dist = self.action_distribution(self.action_logits(hidden), temperature)
             index = dist.logits.argmax(-1) if temperature == 0 else dist.sample()  # [B] in 0..255
             logprob = logprob + dist.log_prob(index)
             token = index + self.action_tokenizer.first_id
@@ -804,72 +234,73 @@ class ActorCritic(nn.Module):
         return torch.stack(tokens, 1), logprob, torch.stack(predicting_hidden, 1)
 
     @torch.no_grad()  # not inference_mode: rollout tensors later meet autograd in the update
-    def act(self, images: np.ndarray | torch.Tensor, instructions: list[str],
+    def act(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
             temperature: float = 1.0) -> ActOutput:
-        """Sample one action per observation. images: uint8 [B, H, W, 3]."""
+        """Sample one action per observation (temperature 0: greedy). images: uint8 [B, H, W, 3]."""
         inputs = self.prepare_inputs(images, instructions)
         embeds = self.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
         tokens, logprob, predicting_hidden = self.sample_action_tokens(
-            self.vla, embeds, inputs.attention_mask, temperature)
+            embeds, inputs.attention_mask, temperature)
         value = self.value_from_hidden(inputs, predicting_hidden)  # no extra pass except "separate"
         tokens = tokens.cpu()
         actions = self.norm_stats.unnormalize(self.action_tokenizer.decode(tokens.numpy()))
-        return ActOutput(tokens, actions, logprob.float().cpu(), value.cpu())
+        return ActOutput(actions, tokens, logprob.float().cpu(),
+                         None if value is None else value.cpu())
 
-    # --- teacher-forced scoring ------------------------------------------------------------------
+    def as_policy(self, temperature: float) -> Callable[[dict], ActOutput]:
+        """This agent as a policy for EpisodeLoop: observation dict -> ActOutput."""
+        return lambda obs: self.act(obs["image"], obs["instruction"], temperature)
 
-    def predicting_hidden_states(self, vla: OpenVLA, inputs: PromptInputs,
-                                 tokens: torch.Tensor) -> torch.Tensor:
-        """One forward over prompt + action tokens -> [B, 7, D] at the positions predicting them.
+    # --- teacher-forced scoring ----------------------------------------------------------------
 
-        The 7th token is left out of the input: its output would predict an 8th token.
-        """
-        embeds = vla.embed_inputs(inputs.pixel_values, inputs.input_ids)  # [B, L, D]
-        action_embeds = vla.language_model.get_input_embeddings()(tokens[:, :-1])  # [B, 6, D]
-        attention_mask = torch.cat([inputs.attention_mask,
-                                    inputs.attention_mask.new_ones(len(tokens), ACTION_DIM - 1)], 1)
-        hidden = run_language_model(vla, torch.cat([embeds, action_embeds], 1), attention_mask,
-                                    position_ids_from_mask(attention_mask))
-        return hidden[:, -ACTION_DIM:]
-
-    def check_action_tokens(self, tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        first = self.action_tokenizer.first_id
-        last = first + NUM_ACTION_BINS - 1
-        if tokens.shape[-1] != ACTION_DIM or ((tokens < first) | (tokens > last)).any():
-            raise ValueError(f"tokens must be [B, 7] action ids in {first}..{last}")
-        return tokens
-
-    def evaluate(self, images: np.ndarray | torch.Tensor, instructions: list[str],
-                 tokens: np.ndarray | torch.Tensor, temperature: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score_actions(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
+                      tokens: np.ndarray | torch.Tensor, temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Re-score given action tokens [B, 7] in one forward: summed log-prob [B], summed
-        entropy of the 256-way distributions [B], value [B]. Differentiable."""
+        entropy of the 256-way distributions [B], value [B] (None without a critic).
+        Differentiable: this is the forward every update trains through."""
         tokens = self.check_action_tokens(tokens)
         inputs = self.prepare_inputs(images, instructions)
-        hidden = self.predicting_hidden_states(self.vla, inputs, tokens)  # [B, 7, D]
-        dist = self.action_distribution(self.action_logits(self.vla, hidden), temperature)
+        hidden = predicting_hidden_states(self.vla, inputs, tokens)  # [B, 7, D]
+        dist = self.action_distribution(self.action_logits(hidden), temperature)
         index = tokens - self.action_tokenizer.first_id  # [B, 7] in 0..255
         value = self.value_from_hidden(inputs, hidden)
         return dist.log_prob(index).sum(-1).float(), dist.entropy().sum(-1).float(), value
 
+    # --- a frozen reference policy (GRPO's KL anchor) --------------------------------------------
+
+    def freeze_reference(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep a frozen copy of the adapter weights (or `weights`, when resuming): the policy
+        the run started from. No second backbone: only the LoRA tensors are copied."""
+        current = {name: p.detach().clone() for name, p in self.named_parameters() if "lora_" in name}
+        self.reference_lora = current if weights is None else {
+            name: weights[name].to(current[name].device, current[name].dtype) for name in current}
+
     @torch.no_grad()
-    def reference_logprob(self, images: np.ndarray | torch.Tensor, instructions: list[str],
-                          tokens: np.ndarray | torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-        """Summed log-prob [B] under the frozen base policy (adapters off): DPO's reference."""
-        tokens = self.check_action_tokens(tokens)
-        inputs = self.prepare_inputs(images, instructions)
-        with self.policy.disable_adapter():
-            hidden = self.predicting_hidden_states(self.vla, inputs, tokens)
-            dist = self.action_distribution(self.action_logits(self.vla, hidden), temperature)
-        return dist.log_prob(tokens - self.action_tokenizer.first_id).sum(-1).float()
+    def reference_logprob(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
+                          tokens: np.ndarray | torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Summed log-prob [B] under the frozen reference adapters: the same forward as
+        score_actions with the reference LoRA tensors swapped in (torch.func.functional_call
+        swaps them for this call only, so the live adapters and their graph are untouched)."""
+        if self.reference_lora is None:
+            raise RuntimeError("call freeze_reference() first")
+        logprob, _, _ = torch.func.functional_call(
+            self, self.reference_lora, (images, instructions, tokens, temperature), strict=False)
+        return logprob
+
+    def forward(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
+                tokens: np.ndarray | torch.Tensor, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """score_actions, as the module's forward (what torch.func.functional_call calls)."""
+        return self.score_actions(images, instructions, tokens, temperature)
 
     # --- critic --------------------------------------------------------------------------------
 
     def value_from_hidden(self, inputs: PromptInputs,
-                          predicting_hidden: torch.Tensor) -> torch.Tensor:
-        """predicting_hidden [B, 7, D] of the policy -> value [B] (fp32)."""
+                          predicting_hidden: torch.Tensor) -> torch.Tensor | None:
+        """predicting_hidden [B, 7, D] of the policy -> value [B] (fp32), None without critic."""
+        if self.value_head is None:
+            return None
         if self.critic_mode == "separate":
             critic_vla = self.critic_model.get_base_model()
             embeds = critic_vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
@@ -884,151 +315,382 @@ class ActorCritic(nn.Module):
         return self.value_head(features.float()).squeeze(-1)
 
 
-def build_agent(preset: str = "tiny", model_path: str | None = None, critic: str = "h0",
-                lora_rank: int = 32, lora_alpha: int = 16, image_size: int | None = None,
-                device: str | torch.device = "cpu", seed: int = 0,
-                norm_stats: NormStats | None = None, unnorm_key: str | None = None) -> ActorCritic:
-    """The actor-critic on a base VLA.
+# =============================================================================================
+# 2. Agent set-up: the one way from flags to an agent
+# =============================================================================================
 
-    preset "tiny": random base from a fixed seed (model_path must be None).
-    preset "openvla-7b": the OpenVLA checkpoint directory at model_path (official layout).
-    `seed` draws the LoRA A matrices and the value head; norm_stats overrides the model's.
-    """
+
+def build_agent(model_path: str | None = None, critic: str | None = "h0",
+                lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: int = DEFAULT_LORA_ALPHA,
+                image_size: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                norm_stats: NormStats | None = None, unnorm_key: str | None = None,
+                dtype: torch.dtype | None = None) -> ActorCritic:
+    """A fresh actor-critic on a base VLA: the model directory at model_path (the official
+    OpenVLA layout: OpenVLA-7B, or the shipped pretrained tiny VLA), or with model_path None a
+    random tiny base built in code. `seed` draws the LoRA A matrices and the value head;
+    norm_stats overrides the model's; dtype defaults to bf16 on CUDA, fp32 on CPU."""
     device = torch.device(device)
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    if preset == "tiny":
-        if model_path is not None:
-            raise ValueError("preset 'tiny' builds its own weights; use preset 'openvla-7b' "
-                             "with model_path")
-        vla, tokenizer = build_tiny_vla(image_size or TINY_IMAGE_SIZE)
-        cast_parameters(vla, device, model_dtype(device))
+    dtype = dtype or model_dtype(device)
+    if model_path is None:
+        vla, tokenizer = build_tiny_vla(image_size or None)
+        cast_parameters(vla, device, dtype)
         fingerprint = weights_fingerprint(vla.state_dict())
         base_stats = NormStats.identity()
     else:
-        if model_path is None:
-            raise ValueError("preset 'openvla-7b' needs model_path: a local OpenVLA checkpoint dir")
-        vla, tokenizer, base_stats, fingerprint = load_openvla_dir(model_path, device, unnorm_key)
+        vla, tokenizer, base_stats, fingerprint = load_openvla_dir(model_path, device, unnorm_key,
+                                                                   dtype)
         if image_size not in (None, vla.config.image_size):
             raise ValueError(f"{model_path} takes {vla.config.image_size}px images, "
-                             f"not {image_size}")
+                             f"not --image-size {image_size}")
         model_path = str(model_path)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return ActorCritic(vla, tokenizer, norm_stats or base_stats, preset=preset,
-                           model_path=model_path, base_fingerprint=fingerprint, critic=critic,
-                           lora_rank=lora_rank, lora_alpha=lora_alpha)
+        return ActorCritic(vla, tokenizer, norm_stats or base_stats, model_path=model_path,
+                           base_fingerprint=fingerprint, critic=critic, lora_rank=lora_rank,
+                           lora_alpha=lora_alpha)
+
+
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json, checked for completeness; nothing heavy is read."""
+    clean_stale_temp_dirs(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    config = parse_file(path / "config.json", lambda p: json.loads(p.read_text()))
+    lacking = [key for key in ("model_path", "model_config", "critic", "lora", "base_fingerprint",
+                               "algorithm") if key not in config]
+    if lacking:
+        raise CheckpointError(f"checkpoint {path}/config.json lacks {', '.join(lacking)}")
+    return config
+
+
+def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bool = False,
+               dtype: torch.dtype | None = None) -> tuple[ActorCritic, dict[str, Any]]:
+    """The agent for a training script's flags -> (agent, trainer state; {} unless resuming).
+
+    Three ways in, one rule for each flag that fixes the architecture:
+      fresh              --model-path (or the random tiny base), --lora-rank / --lora-alpha
+                         (default 32 / 16), --image-size, --critic (default h0, PPO only).
+      --init-checkpoint  the checkpoint's base and adapter. A --lora-rank, --lora-alpha or
+                         --image-size that contradicts it is an error (a trained adapter keeps
+                         its shape). PPO keeps the checkpoint's value head if it has one of the
+                         mode asked for, else starts a new one and says so; SFT, GRPO and DPO
+                         build no critic at all.
+      --resume           the run's own checkpoint, exactly: any architecture flag that differs
+                         from the run's, or another algorithm's checkpoint, is an error.
+    `args` has model_path, unnorm_key, lora_rank, lora_alpha, image_size, init_checkpoint,
+    resume, seed, output_dir, exp_name and (PPO) critic; None means "not given". --model-path
+    may differ from a checkpoint's: the weights moved (their fingerprint is checked).
+    """
+    asked_critic = getattr(args, "critic", None) if needs_critic else None
+    if not args.resume and args.init_checkpoint is None:
+        agent = build_agent(args.model_path, critic=(asked_critic or "h0") if needs_critic else None,
+                            lora_rank=args.lora_rank or DEFAULT_LORA_RANK,
+                            lora_alpha=args.lora_alpha or DEFAULT_LORA_ALPHA,
+                            image_size=args.image_size, device=device, seed=args.seed,
+                            unnorm_key=args.unnorm_key, dtype=dtype)
+        return agent, {}
+
+    path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
+    config = read_checkpoint_config(path)
+    if args.resume and config["algorithm"] != algorithm:
+        raise CheckpointError(f"--resume: {path} is a {config['algorithm']} checkpoint, not "
+                              f"{algorithm}; resume it with its own script or start a new --exp-name")
+    saved = {"lora_rank": config["lora"]["rank"], "lora_alpha": config["lora"]["alpha"],
+             "image_size": config["model_config"]["image_sizes"][0]}
+    given = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+             "image_size": args.image_size}
+    if args.resume and needs_critic:
+        saved["critic"], given["critic"] = config["critic"], asked_critic
+    differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved[k]})" for k, v in given.items()
+              if v is not None and v != saved[k]]
+    if differ:
+        what = "the run to resume" if args.resume else "--init-checkpoint"
+        raise CheckpointError(f"{', '.join(differ)} differ from {what} {path}; drop the flag(s)")
+    critic = None
+    if needs_critic:
+        critic = config["critic"] if args.resume else (asked_critic or config["critic"] or "h0")
+    agent, state = load_checkpoint(path, device, model_path=args.model_path,
+                                   unnorm_key=args.unnorm_key, critic=critic, dtype=dtype)
+    if args.resume:
+        return agent, state
+    if critic is not None and config["critic"] != critic:
+        had = "no" if config["critic"] is None else f"a {config['critic']!r}"
+        print(f"note: {path} has {had} value head; a new {critic!r} value head starts from "
+              f"scratch", file=sys.stderr)
+    return agent, {}
+
+
+def planned_image_size(args: Any) -> int:
+    """The image size a script's agent will take, from flags and JSON files only: --image-size,
+    else the checkpoint's (--resume / --init-checkpoint), else the base model's."""
+    if args.image_size is not None:
+        return args.image_size
+    if args.resume or args.init_checkpoint is not None:
+        path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
+        return read_checkpoint_config(path)["model_config"]["image_sizes"][0]
+    return model_image_size(args.model_path)
+
+
+def run_dir(args: Any) -> Path:
+    return Path(args.output_dir) / args.exp_name
+
+
+def checkpoint_dir(args: Any) -> Path:
+    return run_dir(args) / "checkpoint"
 
 
 # =============================================================================================
-# 6. Rollout
+# 3. The episode loop
 # =============================================================================================
+
+Policy = Callable[[dict], ActOutput]  # observation dict -> actions (and tokens, log-probs, values)
+
+
+def expert_policy(envs: Any) -> Policy:
+    """The envs' scripted expert as a policy (it reads the true state, not the observation)."""
+    return lambda obs: ActOutput(np.asarray(envs.expert_action(), dtype=np.float32))
+
+
+def random_policy(rng: np.random.Generator) -> Policy:
+    """Uniform actions in [-1, 1]^7: the chance level of a task."""
+    return lambda obs: ActOutput(rng.uniform(-1, 1, (len(obs["instruction"]), ACTION_DIM))
+                                 .astype(np.float32))
 
 
 @dataclass
 class Rollout:
-    """num_steps x num_envs transitions, time-major, on CPU."""
+    """num_steps x num_envs transitions, time-major, on the CPU. Fields a policy does not fill
+    (tokens, logprobs, values) are None, and so are images with keep_images=False."""
 
-    images: torch.Tensor  # uint8 [T, N, H, W, 3]
+    images: torch.Tensor | None  # uint8 [T, N, H, W, 3]: the observation each action saw
     instructions: list[list[str]]  # [T][N]
-    tokens: torch.Tensor  # long [T, N, 7]
-    logprobs: torch.Tensor  # [T, N]
-    values: torch.Tensor  # [T, N]
+    actions: np.ndarray  # float32 [T, N, 7], env space
+    tokens: torch.Tensor | None  # long [T, N, 7]
+    logprobs: torch.Tensor | None  # [T, N]
+    values: torch.Tensor | None  # [T, N]
     rewards: torch.Tensor  # [T, N]
     dones: torch.Tensor  # bool [T, N]: the episode ended after step t
+    success: np.ndarray  # bool [T, N]: success at step t
     episode_ids: torch.Tensor  # long [T, N]
-    next_value: torch.Tensor  # [N] value of the observation after the last step (0 if it ended)
-    episode_returns: np.ndarray  # [E] per finished episode
-    episode_success: np.ndarray  # bool [E]: success at the final step
-    episode_success_once: np.ndarray  # bool [E]: success at any step
+    last_obs: dict | None  # the observation after the last step; None if episodes just ended
+    final_images: np.ndarray | None  # uint8 [N, H, W, 3]: the observation after the last step
+    # One entry per episode that ended in this rollout:
+    episode_returns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [E]
+    episode_success: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [E] final step
+    episode_success_once: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [E]
+
+    def flat(self, name: str) -> Any:
+        """A [T, N, ...] field as [T * N, ...] (b = t * N + n); instructions as a flat list."""
+        if name == "instructions":
+            return [text for step in self.instructions for text in step]
+        return getattr(self, name).flatten(0, 1) if name in ("images", "tokens") else \
+            getattr(self, name).flatten()
 
 
-def collect_rollout(agent: ActorCritic, envs: Any, num_steps: int, temperature: float = 1.0,
-                    episode_ids_fn: Callable[[], np.ndarray | None] | None = None) -> Rollout:
-    """Run the policy for num_steps in a VecEnv, resetting at the start and after every done.
+class EpisodeLoop:
+    """Steps a vector env with a policy, carrying the last observation across calls (as
+    CleanRL does): a rollout of num_steps < horizon continues its episodes in the next call,
+    and the next call starts where this one stopped. After episodes end (all together: fixed
+    horizon, no early termination) the next step resets with next_episode_ids() (None: the env
+    draws ids from its own seeded generator)."""
 
-    episode_ids_fn() gives the episode ids for each reset (None: the env draws them).
-    Episodes end together (fixed horizon, no auto-reset: docs/DESIGN.md).
+    def __init__(self, envs: Any, next_episode_ids: Callable[[], np.ndarray | None] | None = None):
+        self.envs = envs
+        self.next_episode_ids = next_episode_ids or (lambda: None)
+        self.obs: dict | None = None  # what the next step acts on; None: reset first
+        self.running_return = np.zeros(envs.num_envs)
+
+    def restart(self) -> None:
+        """Abandon the episodes in progress (e.g. after another user of the envs reset them)."""
+        self.obs = None
+
+    def reset(self) -> None:
+        ids = self.next_episode_ids()
+        options = None if ids is None else {"episode_ids": np.asarray(ids, dtype=np.int64)}
+        self.obs, _ = self.envs.reset(options=options)
+        self.running_return[:] = 0.0
+
+    def run(self, policy: Policy, num_steps: int, keep_images: bool = True,
+            stop: Callable[[dict], bool] | None = None) -> Rollout:
+        """num_steps steps of `policy`, or fewer if stop(info) says so after a step (the
+        episodes in progress are then abandoned: the next call resets)."""
+        steps: list[dict] = []
+        returns, success, success_once = [], [], []
+        final_images = None
+        for _ in range(num_steps):
+            if self.obs is None:
+                self.reset()
+            obs = self.obs
+            out = policy(obs)
+            next_obs, reward, terminated, truncated, info = self.envs.step(out.actions)
+            done = np.asarray(terminated) | np.asarray(truncated)
+            steps.append(dict(
+                image=torch.from_numpy(np.array(obs["image"], dtype=np.uint8)) if keep_images else None,
+                instruction=list(obs["instruction"]), action=np.asarray(out.actions, np.float32),
+                tokens=out.tokens, logprob=out.logprob, value=out.value,
+                reward=torch.as_tensor(reward, dtype=torch.float32),
+                done=torch.as_tensor(done), success=np.asarray(info["success"], dtype=bool),
+                episode_id=torch.as_tensor(info["episode_id"], dtype=torch.long)))
+            self.running_return += reward
+            final_images = np.asarray(next_obs["image"]) if keep_images else None
+            self.obs = next_obs
+            if done.any():
+                if not done.all():
+                    raise RuntimeError("EpisodeLoop expects every env's episode to end at the same "
+                                       "step (fixed horizon, no early termination)")
+                returns += self.running_return.tolist()
+                success += np.asarray(info["success"], dtype=bool).tolist()
+                success_once += np.asarray(info["success_once"], dtype=bool).tolist()
+                self.obs = None
+            if stop is not None and stop(info):
+                self.obs = None
+                break
+
+        def stacked(key: str) -> torch.Tensor | None:
+            return None if steps[0][key] is None else torch.stack([s[key] for s in steps])
+
+        return Rollout(
+            images=stacked("image"), instructions=[s["instruction"] for s in steps],
+            actions=np.stack([s["action"] for s in steps]), tokens=stacked("tokens"),
+            logprobs=stacked("logprob"), values=stacked("value"), rewards=stacked("reward"),
+            dones=stacked("done"), success=np.stack([s["success"] for s in steps]),
+            episode_ids=stacked("episode_id"), last_obs=self.obs, final_images=final_images,
+            episode_returns=np.asarray(returns, dtype=np.float32),
+            episode_success=np.asarray(success, dtype=bool),
+            episode_success_once=np.asarray(success_once, dtype=bool),
+        )
+
+
+def evaluation_episode_ids(seed: int, split: str, count: int) -> np.ndarray:
+    """The episode ids of (seed, split): a pure function, so every checkpoint meets the same
+    initial states; crc32 rather than hash() because Python salts string hashes per process."""
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    return rng.integers(0, MAX_EPISODE_ID, size=count)
+
+
+@dataclass
+class EpisodeOutcomes:
+    """The episodes of one evaluation; arrays of length len(episode_ids)."""
+
+    episode_ids: np.ndarray
+    success: np.ndarray  # object on the receptacle at the final step: the paper's metric
+    success_once: np.ndarray  # succeeded at some step (a policy may knock the object off again)
+    returns: np.ndarray
+    seconds: float
+    videos: list[np.ndarray] = field(default_factory=list)  # uint8 [T + 1, H, W, 3] each
+
+    @property
+    def success_rate(self) -> float:
+        return float(np.mean(self.success))
+
+
+def evaluate_policy(policy: Policy, envs: Any, episode_ids: np.ndarray, num_videos: int = 0,
+                    on_batch: Callable[[int], None] | None = None) -> EpisodeOutcomes:
+    """Play exactly these episodes, num_envs at a time, each to the end of the horizon.
+
+    The last batch is padded by repeating its final id and the padding's results are dropped.
+    Returns every episode's outcome and the frames of the first num_videos episodes.
     """
+    start_time, n = time.perf_counter(), envs.num_envs
+    success, success_once, returns, videos = [], [], [], []
+    for start in range(0, len(episode_ids), n):
+        batch = np.asarray(episode_ids[start:start + n])
+        padded = np.concatenate([batch, np.repeat(batch[-1:], n - len(batch))])
+        keep = len(videos) < num_videos
+        rollout = EpisodeLoop(envs, lambda padded=padded: padded).run(
+            policy, envs.max_episode_steps, keep_images=keep)
+        k = len(batch)
+        success.append(rollout.episode_success[:k])
+        success_once.append(rollout.episode_success_once[:k])
+        returns.append(rollout.episode_returns[:k])
+        for i in range(min(num_videos - len(videos), k) if keep else 0):
+            videos.append(np.concatenate([rollout.images[:, i].numpy(), rollout.final_images[None, i]]))
+        if on_batch is not None:
+            on_batch(k)
+    return EpisodeOutcomes(np.asarray(episode_ids), np.concatenate(success),
+                           np.concatenate(success_once), np.concatenate(returns),
+                           time.perf_counter() - start_time, videos)
 
-    def reset() -> dict:
-        return envs.reset(episode_ids=episode_ids_fn() if episode_ids_fn else None)
 
-    obs = reset()
-    steps: list[dict] = []
-    running_return = np.zeros(envs.num_envs)
-    returns, success, success_once = [], [], []
-    for t in range(num_steps):
-        out = agent.act(obs["image"], obs["instruction"], temperature)
-        next_obs, reward, done, info = envs.step(out.actions)
-        steps.append(dict(image=torch.from_numpy(np.array(obs["image"], dtype=np.uint8)),  # a copy
-                          instruction=list(obs["instruction"]), tokens=out.tokens,
-                          logprob=out.logprob, value=out.value,
-                          reward=torch.as_tensor(reward, dtype=torch.float32),
-                          done=torch.as_tensor(done, dtype=torch.bool),
-                          episode_id=torch.as_tensor(info["episode_id"], dtype=torch.long)))
-        running_return += reward
-        obs = next_obs
-        if np.any(done):
-            if not np.all(done):
-                raise RuntimeError("collect_rollout expects all envs to end together "
-                                   "(fixed horizon, docs/DESIGN.md)")
-            returns += running_return.tolist()
-            success += np.asarray(info["success"], dtype=bool).tolist()
-            success_once += np.asarray(info["success_once"], dtype=bool).tolist()
-            running_return[:] = 0.0
-            if t < num_steps - 1:  # the last step's reset would only be thrown away
-                obs = reset()
+def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor,
+                        advantages: torch.Tensor, clip_coef: float
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (PPO and GRPO both use it) on the joint ratio of the 7 action
+    tokens: one ratio per env step, as the paper's joint action log-probability gives."""
+    log_ratio = new_logprob - old_logprob
+    ratio = log_ratio.exp()
+    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
+        stats = {
+            "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
+        }
+    return surrogate.mean(), stats
 
-    last_done = steps[-1]["done"]
-    if last_done.all():
-        next_value = torch.zeros(envs.num_envs)  # nothing to bootstrap: GAE masks it anyway
-    else:
-        next_value = agent.act(obs["image"], obs["instruction"], temperature).value
-    return Rollout(
-        images=torch.stack([s["image"] for s in steps]),
-        instructions=[s["instruction"] for s in steps],
-        tokens=torch.stack([s["tokens"] for s in steps]),
-        logprobs=torch.stack([s["logprob"] for s in steps]),
-        values=torch.stack([s["value"] for s in steps]),
-        rewards=torch.stack([s["reward"] for s in steps]),
-        dones=torch.stack([s["done"] for s in steps]),
-        episode_ids=torch.stack([s["episode_id"] for s in steps]),
-        next_value=next_value,
-        episode_returns=np.asarray(returns, dtype=np.float32),
-        episode_success=np.asarray(success, dtype=bool),
-        episode_success_once=np.asarray(success_once, dtype=bool),
-    )
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                   max_grad_norm: float, where: str) -> float:
+    """Average the accumulated gradients across ranks, clip them, stop if they are not finite,
+    step and clear. Returns the gradient norm before clipping."""
+    all_reduce_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    check_finite(where, grad_norm=grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 # =============================================================================================
-# 7. Checkpoints
+# 4. Checkpoints
 # =============================================================================================
 
-CHECKPOINT_FILES = ("config.json", "norm_stats.json", "value_head.safetensors", "trainer_state.pt",
+CHECKPOINT_FILES = ("config.json", "norm_stats.json", "trainer_state.pt",
                     "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+
+
+def clean_stale_temp_dirs(path: Path) -> None:
+    """Tidy what an interrupted save left beside `path`: temp dirs are deleted, and if the swap
+    was cut between its two renames (no `path`, an intact `.NAME.*.old`), the old one is put back."""
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(path.parent.glob(f".{path.name}.*.old")):
+        if not path.exists() and all((old / name).exists() for name in CHECKPOINT_FILES):
+            old.rename(path)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(path: str | Path, agent: ActorCritic, state: dict[str, Any]) -> None:
     """Write the agent's trainable part and `state` (optimizer, iteration, RNG, args) to a dir.
 
     Everything goes to a temp dir beside `path`, renamed into place at the end, so a crash never
-    leaves a half-written checkpoint at `path` (replacing one, the old dir is moved aside first;
-    a crash between the two renames leaves it as .<name>.*.old).
+    leaves a half-written checkpoint at `path`. Non-finite weights are never written: the last
+    good checkpoint stays (a diverged run raises NonFiniteError instead).
     """
     path = Path(path)
+    for name, param in agent.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise NonFiniteError(f"not saving {path}: weight {name} is not finite; "
+                                 f"the previous checkpoint is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_dirs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         # save_embedding_layers=False: LoRA on lm_head must not drag the base lm_head along.
         agent.policy.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         if agent.critic_model is not None:
             agent.critic_model.save_pretrained(tmp / "critic_adapter", save_embedding_layers=False)
-        value_head = {k: v.detach().cpu() for k, v in agent.value_head.state_dict().items()}
-        save_file(value_head, tmp / "value_head.safetensors")
+        if agent.value_head is not None:
+            value_head = {k: v.detach().cpu() for k, v in agent.value_head.state_dict().items()}
+            save_file(value_head, tmp / "value_head.safetensors")
         config = {
-            "preset": agent.preset, "model_path": agent.model_path,
-            "model_config": agent.vla_config.to_dict(), "critic": agent.critic_mode,
+            "model_path": agent.model_path, "model_config": agent.vla_config.to_dict(),
+            "critic": agent.critic_mode, "algorithm": state.get("algorithm"),
             "lora": {"rank": agent.lora_config.r, "alpha": agent.lora_config.lora_alpha,
                      "dropout": agent.lora_config.lora_dropout},
             "base_fingerprint": agent.base_fingerprint,
@@ -1048,37 +710,28 @@ def save_checkpoint(path: str | Path, agent: ActorCritic, state: dict[str, Any])
         raise
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", preset: str | None = None,
-                    model_path: str | None = None) -> tuple[ActorCritic, dict[str, Any]]:
-    """Rebuild the agent saved by save_checkpoint -> (agent, state).
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    model_path: str | None = None, unnorm_key: str | None = None,
+                    critic: str | None = "saved", dtype: torch.dtype | None = None
+                    ) -> tuple[ActorCritic, dict[str, Any]]:
+    """Rebuild the agent saved by save_checkpoint -> (agent, trainer state).
 
-    preset: if given, must equal the checkpoint's (guards --preset against --resume).
-    model_path: where the base weights are now, if they moved since training.
+    model_path: where the base weights are now, if they moved since training. critic: "saved"
+    (the checkpoint's own), None (no critic), or a mode (its value head if the checkpoint has
+    that mode, else a fresh one).
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).exists()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    config = parse_file(path / "config.json", lambda p: json.loads(p.read_text()))
-    lacking = [key for key in ("preset", "model_path", "model_config", "critic", "lora",
-                               "base_fingerprint") if key not in config]
-    if lacking:
-        raise CheckpointError(f"checkpoint {path}/config.json lacks {', '.join(lacking)}")
-    if preset is not None and preset != config["preset"]:
-        raise CheckpointError(f"checkpoint {path} was trained with preset {config['preset']!r}, "
-                              f"not {preset!r}")
+    config = read_checkpoint_config(path)
+    critic = config["critic"] if critic == "saved" else critic
     stats = parse_file(path / "norm_stats.json",
                        lambda p: NormStats.from_dict(json.loads(p.read_text())))
-    agent = build_agent(preset=config["preset"], model_path=model_path or config["model_path"],
-                        critic=config["critic"], lora_rank=config["lora"]["rank"],
-                        lora_alpha=config["lora"]["alpha"],
+    agent = build_agent(model_path or config["model_path"], critic=critic,
+                        lora_rank=config["lora"]["rank"], lora_alpha=config["lora"]["alpha"],
                         image_size=config["model_config"]["image_sizes"][0], device=device,
-                        norm_stats=stats)
+                        norm_stats=stats, unnorm_key=unnorm_key, dtype=dtype)
     if agent.vla_config.to_dict() != config["model_config"]:
-        raise CheckpointError(f"checkpoint {path} was trained on a different model configuration "
-                              f"than preset {config['preset']!r} builds now")
+        raise CheckpointError(f"checkpoint {path} was trained on another model configuration "
+                              f"than its base builds now (was the tiny preset changed?)")
     if agent.base_fingerprint != config["base_fingerprint"]:
         raise CheckpointError(f"checkpoint {path} was trained on different base weights "
                               f"(fingerprint {config['base_fingerprint']}, "
@@ -1088,7 +741,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", preset
         return parse_file(file, lambda p: load_file(p, device=str(agent.device)))
 
     adapters = [(agent.policy, "adapter")]
-    if agent.critic_model is not None:
+    if agent.critic_model is not None and config["critic"] == "separate":
         adapters.append((agent.critic_model, "critic_adapter"))
     for model, folder in adapters:
         weights = read_safetensors(path / folder / "adapter_model.safetensors")
@@ -1100,26 +753,62 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", preset
         if result is None or result.unexpected_keys or len(weights) != lora_count:
             raise CheckpointError(f"checkpoint {path}/{folder} does not fit the model "
                                   f"({len(weights)} tensors for {lora_count} LoRA weights)")
-    try:
-        agent.value_head.load_state_dict(read_safetensors(path / "value_head.safetensors"))
-    except RuntimeError:
-        raise CheckpointError(f"checkpoint {path}/value_head.safetensors does not fit the "
-                              f"value head of critic {agent.critic_mode!r}") from None
+    if agent.value_head is not None and config["critic"] == agent.critic_mode:
+        try:
+            agent.value_head.load_state_dict(read_safetensors(path / "value_head.safetensors"))
+        except (RuntimeError, CheckpointError):
+            raise CheckpointError(f"checkpoint {path}/value_head.safetensors does not fit the "
+                                  f"value head of critic {agent.critic_mode!r}") from None
+    for name, param in agent.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights ({name})")
     state = parse_file(path / "trainer_state.pt",
                        lambda p: torch.load(p, map_location="cpu", weights_only=False))
     return agent, state
 
 
 # =============================================================================================
-# 8. Small helpers the scripts share
+# 5. Helpers the scripts share
 # =============================================================================================
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch.device(name)."""
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or weight became inf or nan: training stops, the last checkpoint stays."""
+
+
+def check_finite(where: str, **quantities: float | torch.Tensor) -> None:
+    """Stop at the first non-finite loss or gradient norm, naming it, before it reaches the
+    weights (an optimizer step on a nan gradient would poison every later checkpoint)."""
+    for name, value in quantities.items():
+        value = value.detach().item() if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value} at {where}: training diverged; "
+                                 f"the last checkpoint is kept (try a lower learning rate)")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" -> cuda (this rank's GPU under torchrun) when available, else cpu."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (torch sees none); "
+                         f"use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: "auto" is bf16 on CUDA (as the paper trains) and fp32 on the CPU."""
+    return {"auto": model_dtype(device), "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -1131,7 +820,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(states: list[dict[str, Any]], rank: int = 0, world: int = 1) -> None:
+    """Put back this rank's generators from gather_rng_states()'s list."""
+    if len(states) != world:
+        raise CheckpointError(f"the run to resume had {len(states)} rank(s); resume it with "
+                              f"{len(states)}, not {world}")
+    state = states[rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -1146,21 +840,143 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def evaluate_policy(agent: ActorCritic, envs: Any, num_episodes: int, temperature: float,
-                    seed: int = 0) -> dict[str, float]:
-    """Mean success / success_once / return over num_episodes full episodes.
+def tensorboard_hint(run_dir: Path) -> str:
+    """The command that opens a run's curves, with this interpreter (tensorboard may not be on PATH)."""
+    return f"TensorBoard: {sys.executable} -m tensorboard.main --logdir {run_dir}"
 
-    The episode ids come from `seed` alone, so every checkpoint meets the same initial states.
-    """
-    rounds = math.ceil(num_episodes / envs.num_envs)
-    ids = np.random.default_rng(seed).integers(0, 2**31 - 1, size=(rounds, envs.num_envs))
-    success, success_once, returns = [], [], []
-    for batch_ids in ids:
-        rollout = collect_rollout(agent, envs, envs.max_episode_steps, temperature,
-                                  episode_ids_fn=lambda batch_ids=batch_ids: batch_ids)
-        success += rollout.episode_success.tolist()
-        success_once += rollout.episode_success_once.tolist()
-        returns += rollout.episode_returns.tolist()
-    return {"success": float(np.mean(success[:num_episodes])),
-            "success_once": float(np.mean(success_once[:num_episodes])),
-            "return": float(np.mean(returns[:num_episodes]))}
+
+# --- torch.distributed (torchrun) ------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank). Under torchrun (RANK/WORLD_SIZE set) joins the process
+    group: nccl on GPUs, gloo on the CPU. Plain `python script.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_slice(values: np.ndarray) -> np.ndarray:
+    """This rank's share of a globally drawn array (episode ids): contiguous, as even as can be."""
+    rank, world = world_info()
+    return np.array_split(np.asarray(values), world)[rank]
+
+
+def all_reduce_gradients(params: list[nn.Parameter]) -> None:
+    """Average gradients across ranks before the optimizer step, in one flat all-reduce.
+
+    Done by hand rather than by wrapping the agent in DistributedDataParallel: the updates call
+    agent.score_actions(), not the module's forward that DDP hooks, and only the few trainable
+    tensors (LoRA and value head) need syncing. With equal per-rank batches the average over
+    ranks is the gradient of the global batch, so N ranks take the step one process would."""
+    rank, world = world_info()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten().float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+
+
+def global_mean(values: np.ndarray | list[float]) -> float:
+    """Mean over every rank's values (nan if none): the metrics logged are the global ones."""
+    values = np.asarray(values, dtype=np.float64)
+    _, world = world_info()
+    if world == 1:
+        return float(values.mean()) if values.size else float("nan")
+    total = torch.tensor([values.sum(), values.size], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] else float("nan")
+
+
+def global_mean_std(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and (unbiased) std of a tensor spread over ranks, e.g. advantages for normalisation."""
+    _, world = world_info()
+    if world == 1:
+        return x.mean().item(), x.std().item()
+    x = x.double().flatten()
+    moments = torch.tensor([x.sum(), (x * x).sum(), x.numel()], dtype=torch.float64)
+    dist.all_reduce(moments)
+    total, squares, count = moments.tolist()
+    mean = total / count
+    return mean, math.sqrt(max(squares - count * mean * mean, 0.0) / max(count - 1, 1))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states (rank 0 saves them all, so a resume is exact on every rank)."""
+    _, world = world_info()
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def make_writer(directory: Path, args: Any, purge_step: int) -> Any:
+    """TensorBoard writer on rank 0 (None elsewhere). A resumed run purges what the killed run
+    logged after its checkpoint, so every curve has one point per step."""
+    if world_info()[0] != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(directory), purge_step=purge_step if purge_step > 0 else None)
+    if purge_step == 0:
+        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in vars(args).items()))
+    return writer
+
+
+def evaluate_during_training(agent: ActorCritic, envs: Any, args: Any,
+                             loop: EpisodeLoop | None = None) -> dict[str, float]:
+    """Success and return on --eval-episodes of the training split, at --eval-temperature, on
+    the same episode ids at every evaluation (and in every run with the same --seed). The
+    episodes are shared out over ranks. The evaluation resets the envs: `loop` restarts."""
+    agent.eval()
+    ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))
+    outcome = evaluate_policy(agent.as_policy(args.eval_temperature), envs, ids)
+    if loop is not None:
+        loop.restart()
+    return {"eval/success": global_mean(outcome.success), "eval/return": global_mean(outcome.returns)}
+
+
+def save_run(args: Any, agent: ActorCritic, state: dict[str, Any]) -> None:
+    """Checkpoint a training run: every rank calls (their RNG states are gathered), rank 0
+    writes OUTPUT_DIR/EXP_NAME/checkpoint with the flags and the RNG states added."""
+    state = {**state, "rng": gather_rng_states(), "args": vars(args)}
+    if world_info()[0] == 0:
+        save_checkpoint(checkpoint_dir(args), agent, state)
+
+
+USER_ERRORS = (CheckpointError, NonFiniteError, ValueError, FileNotFoundError, RenderingUnavailable)
+
+
+def run_script(main: Callable[[Any], Any], args: Any, algorithm: str) -> None:
+    """Run a training script's main(): one line, no traceback, for what a user can fix; on
+    Ctrl-C, say what is kept and how to continue; under torchrun, leave the process group."""
+    try:
+        main(args)
+        if world_info()[0] == 0:
+            print(f"checkpoint: {checkpoint_dir(args)}\n{tensorboard_hint(run_dir(args))}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: the last checkpoint of this {algorithm} run, if any, is kept in "
+                 f"{checkpoint_dir(args)}; run the same command with --resume to continue")
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        rank, world = world_info()
+        sys.exit(f"error{f' (rank {rank})' if world > 1 else ''}: {message}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

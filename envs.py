@@ -1,312 +1,69 @@
-"""Pick-and-place environments: "put {object} on {receptacle}" with a Panda arm in ManiSkill3.
+"""The task family "put {object} on {receptacle}": its splits, reward, image perturbations and
+the one factory every script calls. Light: numpy and gymnasium only, no simulator.
 
-Read top to bottom:
-  1. constants (control, layout, camera) and the catalogue of objects, receptacles, tables
-  2. `decode_episode`: integer episode id -> one fixed configuration, for every split
-  3. image perturbations (table textures, dynamic textures, noise) in plain numpy
-  4. `PotentialReward`: the paper's potential-shaped reward
-  5. `PutOnScene`: the ManiSkill scene (all actors built once, placed per episode)
-  6. `ScriptedExpert`: a state-based planner that emits actions in the 7-D action space
-  7. `PutOnTask`: one env = scene + reward + perturbations + expert
-  8. `VecEnv` / `make_vec_env`: the batched interface of docs/DESIGN.md, subprocess workers
-  9. demonstrations (`drop_idle_steps`, `collect_expert_demos`) and the CLI
+Two implementations sit behind the same batched interface:
+  * `maniskill`  (maniskill_env.py) the real benchmark: a Panda arm in ManiSkill3, rendered by
+                 SAPIEN; ~24-50 env-steps/s on a CPU.
+  * `twin`       (twin_env.py) a 2D top-down twin in vectorised numpy, thousands of env-steps/s:
+                 the same splits, actions and reward, for learning tests and the laptop study.
 
-Action: 7-D [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1], ManiSkill's normalised
-`pd_ee_delta_pose` space (1.0 = 10 cm / 0.1 rad; gripper +1 open, -1 close). Note that
-ManiSkill 3.0.1 scales rotations by its lower bound (-0.1), so +1 on a rotation dimension turns
-the gripper by -0.1 rad; the policy only has to be consistent with the expert, which knows this.
+The interface follows gymnasium's vector-env conventions (as ManiSkill's own batched envs do):
 
-CLI: `python envs.py --split ind --episodes 4` runs the expert and writes a contact sheet.
+    envs = make_vec_env("ind", num_envs=8, env="twin", image_size=64, seed=0)
+    obs, info = envs.reset(options={"episode_ids": ids})  # ids: int [N]; omitted: drawn from `seed`
+    obs, reward, terminated, truncated, info = envs.step(actions)  # actions: float32 [N, 7]
+    # obs = {"image": uint8 [N, H, W, 3], "instruction": tuple of N str}
+    # reward float32 [N]; terminated bool [N] (always False: no early termination);
+    # truncated bool [N] (all True at step max_episode_steps, when every episode ends together);
+    # info: "success" (this step), "success_once", "grasped" bool [N], "episode_id" int64 [N]
+    envs.expert_action()      # float32 [N, 7]: the scripted expert's actions for the current states
+    envs.set_split("unseen_table")  # same envs, new split (evaluation switches in place)
+    envs.close()
+
+There is no auto-reset: after the last step the caller resets (common.EpisodeLoop does).
+Action: 7-D [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1]; gripper +1 open, -1 close.
 """
 
 from __future__ import annotations
 
-import hashlib
-import multiprocessing as mp
-import os
-import tempfile
-import time
-import traceback
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.transform import Rotation
-
-# Rendering on a CPU-only machine goes through Mesa's lavapipe Vulkan driver. This must be set
-# before sapien is imported, and only when no NVIDIA driver is installed that it would hide.
-LAVAPIPE_ICD = "/usr/share/vulkan/icd.d/lvp_icd.json"
-NVIDIA_ICDS = (
-    "/usr/share/vulkan/icd.d/nvidia_icd.json",
-    "/etc/vulkan/icd.d/nvidia_icd.json",
-    "/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json",
-)
-if os.path.exists(LAVAPIPE_ICD) and not any(os.path.exists(p) for p in NVIDIA_ICDS):
-    os.environ.setdefault("VK_ICD_FILENAMES", LAVAPIPE_ICD)
-
-import sapien  # noqa: E402  (after VK_ICD_FILENAMES)
-import torch  # noqa: E402
-from mani_skill.envs.sapien_env import BaseEnv  # noqa: E402
-from mani_skill.sensors.camera import CameraConfig  # noqa: E402
-from mani_skill.utils import sapien_utils  # noqa: E402
-from mani_skill.utils.building.ground import build_ground  # noqa: E402
-from mani_skill.utils.structs import Pose  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
-# 1. Constants and catalogue
+# Splits: the benchmark of arXiv 2505.19789 (Table 1), one training split and 15 OOD splits
 # --------------------------------------------------------------------------------------------
 
-MAX_EPISODE_STEPS = 80
-POS_STEP = 0.1  # metres per unit of action (ManiSkill Panda pd_ee_delta_pose bounds)
-ROT_STEP = 0.1  # radians per unit of action
-REPOSITION_STEP = 5  # the `reposition` split moves the target right before this step's action
-REPOSITION_MIN_DISTANCE = 0.15
+SPLITS: dict[str, str] = {
+    "ind": "ind",
+    "unseen_table": "vision",
+    "texture_weak": "vision",
+    "texture_strong": "vision",
+    "noise_weak": "vision",
+    "noise_strong": "vision",
+    "unseen_objects": "semantics",
+    "unseen_receptacles": "semantics",
+    "unseen_instructions": "semantics",
+    "multi_object_seen": "semantics",
+    "multi_object_unseen": "semantics",
+    "distractor_receptacle": "semantics",
+    "multi_receptacle": "semantics",
+    "unseen_position": "execution",
+    "unseen_robot_pose": "execution",
+    "reposition": "execution",
+}
+# Splits of the twin alone: `pretrain` is the data the tiny VLA is pretrained on, the analogue
+# of the robot data OpenVLA saw before the study (no asset of an OOD split appears in it).
+TWIN_ONLY_SPLITS = ("pretrain",)
+ENV_FAMILIES = ("maniskill", "twin")
+# Dynamic perturbations (paper: alpha 0.3 / 0.5): a pattern on the robot and object pixels,
+# or noise over the whole image, new at every step.
+TEXTURE_ALPHA = {"texture_weak": 0.3, "texture_strong": 0.5}
+NOISE_ALPHA = {"noise_weak": 0.3, "noise_strong": 0.5}
+MAX_EPISODE_ID = 2**31 - 1  # episode ids are drawn from [0, MAX_EPISODE_ID)
 
-ROBOT_BASE = (-0.615, 0.0, 0.0)
-# Arm raised and pulled back (TCP near (-0.2, 0, 0.32), pointing down) so the camera sees the
-# whole workspace in the first frame; ManiSkill's usual rest pose hides objects under the hand.
-REST_QPOS = (0.0, -0.3, 0.0, -2.45, 0.0, 2.15, np.pi / 4, 0.04, 0.04)
-TABLE_HALF_SIZE = (0.8, 0.9, 0.45)  # top surface at z = 0
-TABLE_CENTER_X = -0.1
-TABLE_TEXTURE_SIZE = 256
-
-# Training placements: a 5 x 7 grid with 7 cm spacing in front of the robot.
-GRID_SPACING = 0.07
-GRID_X = tuple(-0.1 + GRID_SPACING * i for i in range(-2, 3))
-GRID_Y = tuple(GRID_SPACING * i for i in range(-3, 4))
-OUTSIDE_MARGIN = 0.03  # `unseen_position` puts the target this far outside the grid
-TRAIN_YAWS = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
-UNSEEN_YAWS = tuple(y + np.pi / 8 for y in TRAIN_YAWS)
-# Clearance radii (upper bounds of every footprint), so that any object can replace any other
-# without overlapping: two things are placed at least r_a + r_b apart, which with these radii
-# keeps every object at least two grid cells (14 cm) from a receptacle's centre.
-OBJECT_RADIUS = 0.05
-RECEPTACLE_RADIUS = 0.10
-
-CAMERA_EYE = (0.2, 0.45, 0.7)  # in front of the robot, to its left, looking down at ~40 degrees
-CAMERA_TARGET = (-0.17, -0.02, 0.08)
-CAMERA_FOV = np.deg2rad(55)
-ROLLING_DAMPING = 3.0  # angular damping of the objects (1/s)
-PARKING_X = 3.0  # unused actors wait on the floor, out of the camera's view
-GROUND_Z = -2 * TABLE_HALF_SIZE[2]
-
-RENDER_HELP = (
-    "Rendering could not start: SAPIEN needs a Vulkan driver.\n"
-    "On a CPU-only Debian bookworm machine install Mesa's lavapipe >= 25 from backports:\n"
-    "  apt-get install -t bookworm-backports mesa-vulkan-drivers\n"
-    "and point the Vulkan loader at it (envs.py does this when the file exists):\n"
-    f"  export VK_ICD_FILENAMES={LAVAPIPE_ICD}\n"
-    "On a GPU machine install the NVIDIA driver's Vulkan ICD instead."
-)
-
-
-class RenderingUnavailable(RuntimeError):
-    """Raised instead of SAPIEN's Vulkan traceback when no usable renderer exists."""
-
-
-@dataclass
-class Part:
-    """One primitive of an actor, in the actor's frame (origin at the bottom centre)."""
-
-    kind: str  # "box" | "sphere" | "capsule" | "cylinder" | "hull"
-    size: tuple[float, ...] = ()  # box: half sizes; sphere: (r,); capsule, cylinder: (r, half length)
-    pos: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    yaw: float = 0.0  # rotation about z (capsules and cylinders lie along their local x)
-    upright: bool = False  # stand a capsule/cylinder along z
-    points: np.ndarray | None = None  # hull: the convex hull of these points
-
-
-@dataclass
-class ObjectSpec:
-    name: str  # used in instructions, e.g. "red cube"
-    color: tuple[float, float, float]
-    parts: list[Part]
-    grasp_height: float  # height above the table at which the fingers close
-    grasp_period: float  # yaw symmetry of the grasp in radians; 0 = any yaw works
-    grasp_yaw: float = 0.0  # gripper yaw relative to the object's yaw (fingers close along y)
-
-    @property
-    def height(self) -> float:
-        return max(part_top(p) for p in self.parts)
-
-
-@dataclass
-class ReceptacleSpec:
-    name: str
-    color: tuple[float, float, float]
-    parts: list[Part]
-    surface: float  # height of the surface objects rest on
-    footprint: tuple[float, ...]  # (radius,) for a disc, (half x, half y) for a rectangle
-
-    def contains_xy(self, dx: float, dy: float) -> bool:
-        """Is an offset (dx, dy) from the receptacle's centre inside its footprint?"""
-        if len(self.footprint) == 1:
-            return bool(np.hypot(dx, dy) <= self.footprint[0])
-        return bool(abs(dx) <= self.footprint[0] and abs(dy) <= self.footprint[1])
-
-
-def part_top(part: Part) -> float:
-    """Height of a part's highest point in the actor frame."""
-    if part.kind == "hull":
-        return float(part.points[:, 2].max())
-    if part.kind == "box":
-        return part.pos[2] + part.size[2]
-    if part.upright:  # capsule or cylinder standing on its axis
-        return part.pos[2] + part.size[1] + (part.size[0] if part.kind == "capsule" else 0.0)
-    return part.pos[2] + part.size[0]
-
-
-def box(hx: float, hy: float, hz: float, x: float = 0.0, y: float = 0.0, z: float = 0.0) -> Part:
-    """A box resting on z (default: the ground of the actor frame)."""
-    return Part("box", (hx, hy, hz), (x, y, z + hz))
-
-
-def ball(r: float) -> Part:
-    return Part("sphere", (r,), (0.0, 0.0, r))
-
-
-def lying_capsule(r: float, half_length: float) -> Part:
-    return Part("capsule", (r, half_length), (0.0, 0.0, r))
-
-
-def upright_cylinder(r: float, half_height: float, z: float = 0.0) -> Part:
-    return Part("cylinder", (r, half_height), (0.0, 0.0, z + half_height), upright=True)
-
-
-def hull(points: np.ndarray) -> Part:
-    return Part("hull", points=np.asarray(points, dtype=np.float32))
-
-
-def ring_points(radius: float, z: float, n: int, phase: float = 0.0) -> np.ndarray:
-    angles = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([radius * np.cos(angles), radius * np.sin(angles), np.full(n, z)], axis=1)
-
-
-def wall_ring(radius: float, height: float, n: int = 12, thickness: float = 0.004) -> list[Part]:
-    """Low walls around a disc, approximated by n thin boxes (bowls and pans)."""
-    half_width = radius * np.tan(np.pi / n) + thickness
-    return [
-        Part(
-            "box",
-            (thickness / 2, half_width, height / 2),
-            (radius * np.cos(a), radius * np.sin(a), height / 2),
-            yaw=a,
-        )
-        for a in 2 * np.pi * np.arange(n) / n
-    ]
-
-
-def rim(hx: float, hy: float, height: float, thickness: float = 0.004) -> list[Part]:
-    """Four walls around a rectangle (trays, dishes)."""
-    t = thickness / 2
-    return [
-        box(t, hy, height / 2, x=hx),
-        box(t, hy, height / 2, x=-hx),
-        box(hx, t, height / 2, y=hy),
-        box(hx, t, height / 2, y=-hy),
-    ]
-
-
-QUARTER, HALF = np.pi / 2, np.pi  # grasp symmetries: cubes, and bars / capsules / blocks
-
-# ObjectSpec(name, colour, parts, grasp height, grasp period)
-TRAIN_OBJECTS = [
-    ObjectSpec("red cube", (0.85, 0.1, 0.1), [box(0.02, 0.02, 0.02)], 0.02, QUARTER),
-    ObjectSpec("blue cube", (0.1, 0.25, 0.85), [box(0.018, 0.018, 0.018)], 0.018, QUARTER),
-    ObjectSpec("green block", (0.15, 0.65, 0.2), [box(0.03, 0.016, 0.018)], 0.018, HALF),
-    ObjectSpec("orange block", (0.95, 0.5, 0.1), [box(0.028, 0.018, 0.015)], 0.015, HALF),
-    ObjectSpec("yellow capsule", (0.95, 0.85, 0.15), [lying_capsule(0.016, 0.024)], 0.016, HALF),
-    ObjectSpec("pink capsule", (0.95, 0.5, 0.7), [lying_capsule(0.014, 0.02)], 0.014, HALF),
-    ObjectSpec("purple ball", (0.5, 0.2, 0.7), [ball(0.02)], 0.02, 0.0),
-    ObjectSpec("white ball", (0.92, 0.92, 0.9), [ball(0.022)], 0.022, 0.0),
-    ObjectSpec("cyan cylinder", (0.1, 0.8, 0.85), [upright_cylinder(0.018, 0.025)], 0.025, 0.0),
-    ObjectSpec("brown can", (0.5, 0.3, 0.12), [upright_cylinder(0.021, 0.03)], 0.03, 0.0),
-    ObjectSpec("black cube", (0.08, 0.08, 0.08), [box(0.021, 0.021, 0.021)], 0.021, QUARTER),
-    ObjectSpec("teal ball", (0.0, 0.5, 0.5), [ball(0.018)], 0.018, 0.0),
-    ObjectSpec("gray bar", (0.5, 0.5, 0.5), [box(0.04, 0.012, 0.012)], 0.012, HALF),
-    ObjectSpec("magenta cylinder", (0.8, 0.1, 0.6), [upright_cylinder(0.016, 0.02)], 0.02, 0.0),
-    ObjectSpec("lime capsule", (0.6, 0.9, 0.2), [lying_capsule(0.015, 0.03)], 0.015, HALF),
-    ObjectSpec("navy block", (0.1, 0.1, 0.4), [box(0.025, 0.02, 0.02)], 0.02, HALF),
-]
-
-SQUARE_BASE = np.array([[x, y, 0.0] for x in (-0.024, 0.024) for y in (-0.024, 0.024)])
-WEDGE_SECTION = np.array([[0.0, -0.02, 0.0], [0.0, 0.02, 0.0], [0.0, 0.0, 0.03]])
-BARREL_RINGS = ((0.017, 0.0), (0.022, 0.02), (0.017, 0.04))  # (radius, height)
-UNSEEN_OBJECTS = [
-    ObjectSpec(
-        "orange pyramid", (0.95, 0.45, 0.05),
-        [hull(np.vstack([SQUARE_BASE, [[0, 0, 0.04]]]))], 0.012, QUARTER,
-    ),
-    ObjectSpec(
-        "green cone", (0.1, 0.6, 0.15),
-        # Blunt tip: a sharp cone's steep sides slip out of the fingers while carrying.
-        [hull(np.vstack([ring_points(0.022, 0.0, 24), ring_points(0.007, 0.045, 12)]))], 0.012, 0.0,
-    ),
-    ObjectSpec(
-        "purple hexagonal prism", (0.55, 0.15, 0.8),
-        [hull(np.vstack([ring_points(0.022, 0.0, 6), ring_points(0.022, 0.04, 6)]))],
-        0.02, np.pi / 3,
-    ),
-    ObjectSpec(
-        "blue wedge", (0.15, 0.3, 0.95),
-        [hull(np.vstack([WEDGE_SECTION + [x, 0, 0] for x in (-0.025, 0.025)]))], 0.01, HALF,
-    ),
-    ObjectSpec(
-        "red dumbbell", (0.8, 0.05, 0.1),
-        [
-            Part("capsule", (0.008, 0.03), (0.0, 0.0, 0.015)),
-            Part("sphere", (0.015,), (0.034, 0.0, 0.015)),
-            Part("sphere", (0.015,), (-0.034, 0.0, 0.015)),
-        ],
-        0.015, HALF,
-    ),
-    ObjectSpec(
-        "yellow L-block", (0.95, 0.8, 0.1),
-        [box(0.03, 0.01, 0.015), box(0.01, 0.012, 0.015, x=0.02, y=0.022)], 0.015, HALF,
-    ),
-    ObjectSpec(
-        "white mushroom", (0.95, 0.93, 0.85),
-        [upright_cylinder(0.011, 0.014), upright_cylinder(0.024, 0.007, z=0.028)], 0.035, 0.0,
-    ),
-    ObjectSpec(
-        "brown barrel", (0.45, 0.25, 0.1),
-        [hull(np.vstack([ring_points(r, z, 16) for r, z in BARREL_RINGS]))], 0.02, 0.0,
-    ),
-    ObjectSpec(
-        "lime cross", (0.55, 0.85, 0.1),
-        [box(0.025, 0.008, 0.012), box(0.008, 0.025, 0.012)], 0.012, QUARTER,
-    ),
-]
-
-# ReceptacleSpec(name, colour, parts, surface height, footprint)
-PLATE = ReceptacleSpec("plate", (0.95, 0.95, 0.93), [upright_cylinder(0.075, 0.006)], 0.012, (0.075,))
-UNSEEN_RECEPTACLES = [
-    ReceptacleSpec("wooden cutting board", (0.65, 0.45, 0.25), [box(0.08, 0.06, 0.008)], 0.016,
-                   (0.08, 0.06)),
-    ReceptacleSpec("green placemat", (0.2, 0.6, 0.3), [box(0.08, 0.06, 0.002)], 0.004, (0.08, 0.06)),
-    ReceptacleSpec("blue tray", (0.2, 0.35, 0.8), [box(0.075, 0.06, 0.004), *rim(0.075, 0.06, 0.02)],
-                   0.008, (0.07, 0.055)),
-    ReceptacleSpec("red bowl", (0.8, 0.15, 0.15),
-                   [upright_cylinder(0.065, 0.004), *wall_ring(0.065, 0.022)], 0.008, (0.06,)),
-    ReceptacleSpec("yellow saucer", (0.95, 0.85, 0.3), [upright_cylinder(0.06, 0.005)], 0.01, (0.06,)),
-    ReceptacleSpec("black pan", (0.12, 0.12, 0.12),
-                   [upright_cylinder(0.07, 0.004), *wall_ring(0.07, 0.015)], 0.008, (0.065,)),
-    ReceptacleSpec("pink square dish", (0.95, 0.6, 0.75),
-                   [box(0.065, 0.065, 0.005), *rim(0.065, 0.065, 0.012)], 0.01, (0.06, 0.06)),
-    ReceptacleSpec("orange frisbee", (0.95, 0.5, 0.1), [upright_cylinder(0.07, 0.007)], 0.014, (0.07,)),
-]
-
-OBJECTS = {spec.name: spec for spec in TRAIN_OBJECTS + UNSEEN_OBJECTS}
-RECEPTACLES = {spec.name: spec for spec in [PLATE, *UNSEEN_RECEPTACLES]}
-TRAIN_OBJECT_NAMES = tuple(spec.name for spec in TRAIN_OBJECTS)
-UNSEEN_OBJECT_NAMES = tuple(spec.name for spec in UNSEEN_OBJECTS)
-UNSEEN_RECEPTACLE_NAMES = tuple(spec.name for spec in UNSEEN_RECEPTACLES)
-TRAIN_TABLES = tuple(range(16))  # table appearances are integers, see make_table_texture
-UNSEEN_TABLES = tuple(range(16, 21))
-
+# Instructions: one template in training, 16 paraphrases for `unseen_instructions`.
 TRAIN_TEMPLATE = "put {object} on {receptacle}"
 UNSEEN_TEMPLATES = (
     "place the {object} onto the {receptacle}",
@@ -327,187 +84,87 @@ UNSEEN_TEMPLATES = (
     "bring the {object} over to the {receptacle}",
 )
 
-SPLITS: dict[str, str] = {
-    "ind": "ind",
-    "unseen_table": "vision",
-    "texture_weak": "vision",
-    "texture_strong": "vision",
-    "noise_weak": "vision",
-    "noise_strong": "vision",
-    "unseen_objects": "semantics",
-    "unseen_receptacles": "semantics",
-    "unseen_instructions": "semantics",
-    "multi_object_seen": "semantics",
-    "multi_object_unseen": "semantics",
-    "distractor_receptacle": "semantics",
-    "multi_receptacle": "semantics",
-    "unseen_position": "execution",
-    "unseen_robot_pose": "execution",
-    "reposition": "execution",
-}
-TEXTURE_ALPHA = {"texture_weak": 0.3, "texture_strong": 0.5}
-NOISE_ALPHA = {"noise_weak": 0.3, "noise_strong": 0.5}
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+class RenderingUnavailable(RuntimeError):
+    """No usable Vulkan driver for SAPIEN (maniskill_env.py raises it instead of a traceback)."""
 
 
-def split_object_names(split: str) -> tuple[str, ...]:
-    """The objects a split can put on the table (every one is built into its scene)."""
-    if split in ("unseen_objects", "multi_object_unseen"):
-        return UNSEEN_OBJECT_NAMES
-    return TRAIN_OBJECT_NAMES
+def valid_splits(env: str) -> tuple[str, ...]:
+    return tuple(SPLITS) + (TWIN_ONLY_SPLITS if env == "twin" else ())
 
 
-def split_receptacle_names(split: str) -> tuple[str, ...]:
-    if split in ("unseen_receptacles", "multi_receptacle"):
-        return UNSEEN_RECEPTACLE_NAMES
-    if split == "distractor_receptacle":
-        return (PLATE.name, *UNSEEN_RECEPTACLE_NAMES)
-    return (PLATE.name,)
+def check_split(split: str, env: str = "maniskill") -> None:
+    if env not in ENV_FAMILIES:
+        raise ValueError(f"unknown env {env!r}; valid: {', '.join(ENV_FAMILIES)}")
+    if split not in valid_splits(env):
+        raise ValueError(f"unknown split {split!r} for --env {env}; valid splits: "
+                         f"{', '.join(valid_splits(env))}")
 
 
-def split_tables(split: str) -> tuple[int, ...]:
-    return UNSEEN_TABLES if split == "unseen_table" else TRAIN_TABLES
+def make_vec_env(split: str, num_envs: int, image_size: int = 112, seed: int = 0,
+                 max_episode_steps: int | None = None, env: str = "maniskill",
+                 num_workers: int | None = None):
+    """Batched envs of one split. max_episode_steps None: the family's horizon (maniskill 80,
+    twin its own). num_workers (maniskill only): subprocesses that share the envs (None: one
+    per env up to the CPU count, in-process when num_envs == 1; 0: all in this process)."""
+    check_split(split, env)
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be at least 1, got {num_envs}")
+    if env == "twin":
+        from twin_env import TwinVecEnv
+
+        return TwinVecEnv(split, num_envs, image_size, seed, max_episode_steps)
+    from maniskill_env import VecEnv
+
+    return VecEnv(split, num_envs, image_size, seed, max_episode_steps, num_workers)
+
+
+def default_horizon(env: str) -> int:
+    """Steps per episode of a family (no early termination)."""
+    if env == "twin":
+        from twin_env import TWIN_HORIZON
+
+        return TWIN_HORIZON
+    return 80  # arXiv 2505.19789: 80 steps per episode
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Episode ids -> configurations
+# Reward: the paper's potential-shaped reward, the same in both families
 # --------------------------------------------------------------------------------------------
+
+
+def potential(grasped_once: bool, held5_once: bool, success: bool) -> float:
+    """phi = 0.1 [grasped so far] + 0.1 [held 5+ steps in a row so far]
+    + 1.0 [success now and grasped so far]."""
+    return 0.1 * grasped_once + 0.1 * held5_once + 1.0 * (success and grasped_once)
 
 
 @dataclass
-class Episode:
-    """Everything that fixes an episode's initial state (and the reposition event)."""
+class PotentialReward:
+    """Per-episode bookkeeping; reward_t = phi_t - phi_(t-1), so a return is phi at the end."""
 
-    split: str
-    episode_id: int
-    table: int
-    objects: list[str]  # objects[0] is the target
-    object_xy: list[tuple[float, float]]
-    object_yaw: list[float]
-    receptacles: list[str]  # receptacles[0] is the target
-    receptacle_xy: list[tuple[float, float]]
-    template: str
-    robot_qpos: tuple[float, ...]
-    reposition_xy: tuple[float, float] | None = None
+    grasped_once: bool = False
+    held_steps: int = 0
+    held5_once: bool = False
+    success_once: bool = False
+    phi: float = 0.0
 
-    @property
-    def instruction(self) -> str:
-        return self.template.format(object=self.objects[0], receptacle=self.receptacles[0])
-
-
-XY = tuple[float, float]
-Occupied = Sequence[tuple[XY, float]]  # (position, clearance radius) of what is already placed
-
-
-def _is_clear(xy: XY, radius: float, occupied: Occupied) -> bool:
-    return all(np.hypot(xy[0] - o[0], xy[1] - o[1]) >= radius + r for o, r in occupied)
-
-
-def _sample_grid_xy(rng: np.random.Generator, radius: float, occupied: Occupied) -> XY:
-    """A grid point clear of everything already placed."""
-    for _ in range(1000):
-        xy = (GRID_X[rng.integers(len(GRID_X))], GRID_Y[rng.integers(len(GRID_Y))])
-        if _is_clear(xy, radius, occupied):
-            return xy
-    raise RuntimeError("could not place an actor on the grid")  # the radii make this unreachable
-
-
-def _sample_outside_xy(rng: np.random.Generator, radius: float, occupied: Occupied) -> XY:
-    """A point OUTSIDE_MARGIN beyond one edge of the training grid (unseen positions)."""
-    lo_x, hi_x = GRID_X[0] - OUTSIDE_MARGIN, GRID_X[-1] + OUTSIDE_MARGIN
-    lo_y, hi_y = GRID_Y[0] - OUTSIDE_MARGIN, GRID_Y[-1] + OUTSIDE_MARGIN
-    for _ in range(1000):
-        side = rng.integers(4)
-        if side < 2:
-            xy = ((lo_x, hi_x)[side], rng.uniform(lo_y, hi_y))
-        else:
-            xy = (rng.uniform(lo_x, hi_x), (lo_y, hi_y)[side - 2])
-        if _is_clear(xy, radius, occupied):
-            return float(xy[0]), float(xy[1])
-    raise RuntimeError("could not place an actor outside the grid")
-
-
-def _sample_reposition_xy(rng: np.random.Generator, ep: Episode) -> XY:
-    """A new spot inside the training area, far from the target's start and clear of the rest."""
-    occupied = [(xy, RECEPTACLE_RADIUS) for xy in ep.receptacle_xy]
-    occupied += [(xy, OBJECT_RADIUS) for xy in ep.object_xy[1:]]
-    for _ in range(1000):
-        xy = (rng.uniform(GRID_X[0], GRID_X[-1]), rng.uniform(GRID_Y[0], GRID_Y[-1]))
-        far = _is_clear(xy, REPOSITION_MIN_DISTANCE, [(ep.object_xy[0], 0.0)])
-        if far and _is_clear(xy, OBJECT_RADIUS, occupied):
-            return float(xy[0]), float(xy[1])
-    raise RuntimeError("could not find a reposition target")
-
-
-def _training_episode(episode_id: int) -> Episode:
-    """The in-distribution configuration of an id: every split starts from it."""
-    rng = np.random.default_rng([0, episode_id])
-    receptacle_xy = _sample_grid_xy(rng, RECEPTACLE_RADIUS, [])
-    object_xy = _sample_grid_xy(rng, OBJECT_RADIUS, [(receptacle_xy, RECEPTACLE_RADIUS)])
-    return Episode(
-        split="ind",
-        episode_id=episode_id,
-        table=int(rng.choice(TRAIN_TABLES)),
-        objects=[str(rng.choice(TRAIN_OBJECT_NAMES))],
-        object_xy=[object_xy],
-        object_yaw=[float(rng.choice(TRAIN_YAWS))],
-        receptacles=[PLATE.name],
-        receptacle_xy=[receptacle_xy],
-        template=TRAIN_TEMPLATE,
-        robot_qpos=REST_QPOS,
-    )
-
-
-def decode_episode(split: str, episode_id: int) -> Episode:
-    """Deterministic id -> configuration. A split starts from the in-distribution episode of the
-    same id and changes only what it claims to change, so paired comparisons are clean."""
-    check_split(split)
-    ep = _training_episode(int(episode_id))
-    ep.split = split
-    # A second stream per split, so that the edits below never shift the shared draws above.
-    rng = np.random.default_rng([zlib.crc32(split.encode()), int(episode_id)])
-    receptacle = (ep.receptacle_xy[0], RECEPTACLE_RADIUS)
-    placed = [receptacle, (ep.object_xy[0], OBJECT_RADIUS)]
-
-    if split == "unseen_table":
-        ep.table = int(rng.choice(UNSEEN_TABLES))
-    elif split == "unseen_objects":
-        ep.objects = [str(rng.choice(UNSEEN_OBJECT_NAMES))]
-    elif split == "unseen_receptacles":
-        ep.receptacles = [str(rng.choice(UNSEEN_RECEPTACLE_NAMES))]
-    elif split == "unseen_instructions":
-        ep.template = str(rng.choice(UNSEEN_TEMPLATES))
-    elif split in ("multi_object_seen", "multi_object_unseen"):
-        names = split_object_names(split)
-        ep.objects = [str(n) for n in rng.choice(names, size=2, replace=False)]
-        ep.object_xy.append(_sample_grid_xy(rng, OBJECT_RADIUS, placed))
-        ep.object_yaw.append(float(rng.choice(TRAIN_YAWS)))
-    elif split == "distractor_receptacle":
-        ep.receptacles.append(str(rng.choice(UNSEEN_RECEPTACLE_NAMES)))
-        ep.receptacle_xy.append(_sample_grid_xy(rng, RECEPTACLE_RADIUS, placed))
-    elif split == "multi_receptacle":
-        pair = rng.choice(UNSEEN_RECEPTACLE_NAMES, size=2, replace=False)
-        ep.receptacles = [str(n) for n in pair]
-        ep.receptacle_xy.append(_sample_grid_xy(rng, RECEPTACLE_RADIUS, placed))
-    elif split == "unseen_position":
-        ep.object_xy[0] = _sample_outside_xy(rng, OBJECT_RADIUS, [receptacle])
-        ep.object_yaw[0] = float(rng.choice(UNSEEN_YAWS))
-    elif split == "unseen_robot_pose":
-        # Perturb every arm joint by 0.1-0.2 rad with a random sign; the fingers stay open.
-        offsets = rng.uniform(0.1, 0.2, size=7) * rng.choice([-1.0, 1.0], size=7)
-        ep.robot_qpos = tuple(float(q) for q in np.asarray(REST_QPOS[:7]) + offsets) + REST_QPOS[7:]
-    elif split == "reposition":
-        ep.reposition_xy = _sample_reposition_xy(rng, ep)
-    return ep
+    def update(self, grasped: bool, success: bool) -> float:
+        self.grasped_once |= grasped
+        self.held_steps = self.held_steps + 1 if grasped else 0
+        self.held5_once |= self.held_steps >= 5
+        self.success_once |= success
+        phi = potential(self.grasped_once, self.held5_once, success)
+        reward, self.phi = phi - self.phi, phi
+        return reward
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Image perturbations (numpy only)
+# Image perturbations and procedural tables (numpy only, shared by both families)
 # --------------------------------------------------------------------------------------------
+
+TABLE_TEXTURE_SIZE = 256
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -534,13 +191,13 @@ def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def make_table_texture(index: int, size: int = TABLE_TEXTURE_SIZE) -> np.ndarray:
-    """Procedural table appearance `index` as uint8 RGBA. Training tables (0-15) are wood,
-    checker, speckle and marble in four palettes each; unseen tables (16-20) use five other
-    pattern families, so they are new in both pattern and colour."""
+    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21 on)
+    are wood, checker, speckle and marble in many palettes; 16-20 use five other pattern
+    families (stripes, dots, bricks, rings, plaid), so they are new in pattern and colour."""
     rng = np.random.default_rng([7, index])
     u, v = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
     c1, c2 = rng.uniform(0.15, 0.9, size=3), rng.uniform(0.15, 0.9, size=3)
-    family = index % 4 if index < 16 else index - 16 + 4
+    family = index - 16 + 4 if 16 <= index <= 20 else index % 4
     if family == 0:  # wood: warped stripes in brown tones
         tone = np.array([0.6, 0.4, 0.22]) * rng.uniform(0.6, 1.4) + rng.uniform(-0.08, 0.08, size=3)
         c1, c2 = tone, tone * 0.6
@@ -609,849 +266,3 @@ def blend(image: np.ndarray, overlay: np.ndarray, alpha: float,
     if mask is not None:
         mixed = np.where(mask[..., None], mixed, image)
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# 4. Reward
-# --------------------------------------------------------------------------------------------
-
-
-def potential(grasped_once: bool, held5_once: bool, success: bool) -> float:
-    """phi = 0.1 [grasped so far] + 0.1 [held 5+ steps in a row so far]
-    + 1.0 [success now and grasped so far]."""
-    return 0.1 * grasped_once + 0.1 * held5_once + 1.0 * (success and grasped_once)
-
-
-@dataclass
-class PotentialReward:
-    """Per-episode bookkeeping; reward_t = phi_t - phi_(t-1), so a return is phi at the end."""
-
-    grasped_once: bool = False
-    held_steps: int = 0
-    held5_once: bool = False
-    success_once: bool = False
-    phi: float = 0.0
-
-    def update(self, grasped: bool, success: bool) -> float:
-        self.grasped_once |= grasped
-        self.held_steps = self.held_steps + 1 if grasped else 0
-        self.held5_once |= self.held_steps >= 5
-        self.success_once |= success
-        phi = potential(self.grasped_once, self.held5_once, success)
-        reward, self.phi = phi - self.phi, phi
-        return reward
-
-
-# --------------------------------------------------------------------------------------------
-# 5. The ManiSkill scene
-# --------------------------------------------------------------------------------------------
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def yaw_quat(yaw: float) -> list[float]:
-    """Quaternion (w, x, y, z) of a rotation about z."""
-    return [float(np.cos(yaw / 2)), 0.0, 0.0, float(np.sin(yaw / 2))]
-
-
-UPRIGHT = sapien.Pose(q=[np.cos(np.pi / 4), 0.0, np.sin(np.pi / 4), 0.0])  # local x -> z
-
-
-def _hull_file(points: np.ndarray) -> str:
-    """Write a convex hull as .obj (SAPIEN cooks convex collisions from files). The name is the
-    content's hash, and writes are atomic, so parallel workers can share the directory."""
-    import trimesh
-
-    mesh = trimesh.convex.convex_hull(points)
-    digest = hashlib.sha1(np.ascontiguousarray(points).tobytes()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / "putonenv_meshes" / f"{digest}.obj"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(trimesh.exchange.obj.export_obj(mesh, include_normals=False))
-        os.replace(tmp, path)
-    return str(path)
-
-
-def _add_part(builder, part: Part, material) -> None:
-    pose = sapien.Pose(p=list(part.pos), q=yaw_quat(part.yaw))
-    if part.upright:
-        pose = pose * UPRIGHT
-    if part.kind == "box":
-        builder.add_box_collision(pose, part.size)
-        builder.add_box_visual(pose, part.size, material=material)
-    elif part.kind == "sphere":
-        builder.add_sphere_collision(pose, part.size[0])
-        builder.add_sphere_visual(pose, part.size[0], material=material)
-    elif part.kind == "capsule":
-        builder.add_capsule_collision(pose, *part.size)
-        builder.add_capsule_visual(pose, *part.size, material=material)
-    elif part.kind == "cylinder":
-        builder.add_cylinder_collision(pose, *part.size)
-        builder.add_cylinder_visual(pose, *part.size, material=material)
-    elif part.kind == "hull":
-        filename = _hull_file(part.points)
-        builder.add_convex_collision_from_file(filename, pose)
-        builder.add_visual_from_file(filename, pose, material=material)
-    else:
-        raise ValueError(f"unknown part kind {part.kind!r}")
-
-
-def build_actor(scene, spec: ObjectSpec | ReceptacleSpec, parking_xyz: Sequence[float],
-                kinematic: bool):
-    builder = scene.create_actor_builder()
-    material = sapien.render.RenderMaterial(base_color=[*spec.color, 1.0], roughness=0.6)
-    for part in spec.parts:
-        _add_part(builder, part, material)
-    builder.initial_pose = sapien.Pose(p=list(parking_xyz))
-    name = spec.name.replace(" ", "_")
-    return builder.build_kinematic(name) if kinematic else builder.build(name)
-
-
-class PutOnScene(BaseEnv):
-    """The simulated scene of one split: every object, receptacle and table texture the split can
-    use is built once; `reset(options={"episode": Episode})` places them (unused actors are
-    parked on the floor outside the view), so resets never rebuild the scene."""
-
-    SUPPORTED_ROBOTS = ["panda"]
-
-    def __init__(self, split: str, image_size: int, **kwargs):
-        self.split = split
-        self.image_size = image_size
-        self.episode: Episode | None = None
-        super().__init__(robot_uids="panda", **kwargs)
-
-    @property
-    def _default_sensor_configs(self):
-        pose = sapien_utils.look_at(eye=list(CAMERA_EYE), target=list(CAMERA_TARGET))
-        size = self.image_size
-        # The "minimal" shader is SAPIEN's fastest: flat lighting is enough for a policy's 112 px.
-        return [CameraConfig("camera", pose, size, size, CAMERA_FOV, near=0.01, far=10,
-                             shader_pack="minimal")]
-
-    def _load_agent(self, options: dict):
-        super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE)))
-
-    def _load_scene(self, options: dict):
-        # The table is one box; its appearance is a texture swapped per episode.
-        builder = self.scene.create_actor_builder()
-        below_top = sapien.Pose(p=[0.0, 0.0, -TABLE_HALF_SIZE[2]])
-        builder.add_box_collision(below_top, TABLE_HALF_SIZE)
-        self.table_material = sapien.render.RenderMaterial(base_color=[1, 1, 1, 1], roughness=0.8)
-        builder.add_box_visual(below_top, TABLE_HALF_SIZE, material=self.table_material)
-        builder.initial_pose = sapien.Pose(p=[TABLE_CENTER_X, 0.0, 0.0])
-        self.table = builder.build_kinematic("table")
-        self.ground = build_ground(self.scene, floor_width=20, altitude=GROUND_Z)
-        self.table_textures = {
-            i: sapien.render.RenderTexture2D(make_table_texture(i), "R8G8B8A8Unorm")
-            for i in split_tables(self.split)
-        }
-        object_names = split_object_names(self.split)
-        receptacle_names = split_receptacle_names(self.split)
-        self.parking = {
-            name: (PARKING_X + 0.2 * i, 0.0, GROUND_Z + 0.01)
-            for i, name in enumerate(object_names + receptacle_names)
-        }
-        self.objects = {
-            n: build_actor(self.scene, OBJECTS[n], self.parking[n], kinematic=False)
-            for n in object_names
-        }
-        for actor in self.objects.values():
-            # PhysX has no rolling resistance: without damping a released ball or capsule can
-            # keep rolling off the receptacle.
-            actor.set_angular_damping(ROLLING_DAMPING)
-        # Receptacles never move during an episode: kinematic bodies cost no simulation.
-        self.receptacles = {
-            n: build_actor(self.scene, RECEPTACLES[n], self.parking[n], kinematic=True)
-            for n in receptacle_names
-        }
-
-    def _initialize_episode(self, env_idx: torch.Tensor, options: dict):
-        # BaseEnv.__init__ resets once without an episode: start from the split's episode 0.
-        ep = options.get("episode") or decode_episode(self.split, 0)
-        self.episode = ep
-        self.agent.reset(np.asarray(ep.robot_qpos, dtype=np.float32))
-        self.agent.robot.set_pose(sapien.Pose(p=list(ROBOT_BASE)))
-        for name, actor in {**self.objects, **self.receptacles}.items():
-            actor.set_pose(Pose.create_from_pq(p=list(self.parking[name])))
-        for name, xy, yaw in zip(ep.objects, ep.object_xy, ep.object_yaw, strict=True):
-            self.set_object_pose(name, (xy[0], xy[1], 0.0), yaw)
-        for name, xy in zip(ep.receptacles, ep.receptacle_xy, strict=True):
-            self.receptacles[name].set_pose(Pose.create_from_pq(p=[xy[0], xy[1], 0.0]))
-        self.table_material.base_color_texture = self.table_textures[ep.table]
-        self.target_object = self.objects[ep.objects[0]]
-        self.target_receptacle = self.receptacles[ep.receptacles[0]]
-
-    def set_object_pose(self, name: str, xyz: Sequence[float], yaw: float) -> None:
-        """Teleport an object (its bottom centre to xyz) and stop it."""
-        actor = self.objects[name]
-        actor.set_pose(Pose.create_from_pq(p=[xyz[0], xyz[1], xyz[2] + 1e-3], q=yaw_quat(yaw)))
-        actor.set_linear_velocity(torch.zeros(3))
-        actor.set_angular_velocity(torch.zeros(3))
-
-    def evaluate(self) -> dict:
-        obj, rec = self.target_object, self.target_receptacle
-        spec = RECEPTACLES[self.episode.receptacles[0]]
-        # Measure from the object's centre: its bottom-centre origin moves when it rolls.
-        offset = self.object_center(self.episode.objects[0]) - _numpy(rec.pose.p[0])
-        height_gap = abs(offset[2] - OBJECTS[self.episode.objects[0]].height / 2 - spec.surface)
-        contact = self.scene.get_pairwise_contact_forces(obj, rec)
-        touching = bool(torch.linalg.norm(contact, dim=-1)[0] > 1e-4)
-        success = spec.contains_xy(offset[0], offset[1]) and height_gap < 0.02 and touching
-        return {"success": torch.tensor([success]), "grasped": self.agent.is_grasping(obj).cpu()}
-
-    def object_center(self, name: str) -> np.ndarray:
-        """World position of the centre of an object's bounding box."""
-        pose = self.objects[name].pose
-        rot = Rotation.from_quat(_numpy(pose.q[0]), scalar_first=True)
-        return _numpy(pose.p[0]) + rot.apply([0.0, 0.0, OBJECTS[name].height / 2])
-
-    def segmentation_ids(self) -> np.ndarray:
-        """Segmentation ids of the robot's links and of the objects (the `texture_*` mask)."""
-        ids = [link._objs[0].entity.per_scene_id for link in self.agent.robot.links]
-        ids += [actor._objs[0].per_scene_id for actor in self.objects.values()]
-        return np.asarray(ids)
-
-
-# --------------------------------------------------------------------------------------------
-# 6. The scripted expert
-# --------------------------------------------------------------------------------------------
-
-HOVER = 0.08  # approach height above the grasp point
-CARRY_Z = 0.16  # TCP height while carrying: clears every object and rim
-PLACE_GAP = 0.01  # release the object this far above the receptacle's surface
-POS_GAIN = 1.6  # the arm covers ~40% of a commanded step in one control step, so aim past it
-ROT_GAIN = 1.6
-DOWN = np.diag([1.0, -1.0, -1.0])  # TCP orientation pointing down with yaw 0
-
-
-@dataclass
-class ExpertView:
-    """Ground-truth state the expert plans from (positions in the world frame)."""
-
-    tcp_pos: np.ndarray
-    tcp_rot: np.ndarray  # 3x3
-    obj_center: np.ndarray  # centre of the target object's bounding box
-    obj_yaw: float
-    obj: ObjectSpec
-    rec_pos: np.ndarray
-    rec: ReceptacleSpec
-    grasped: bool
-
-
-def gripper_yaw(rot: np.ndarray) -> float:
-    return float(np.arctan2(rot[1, 0], rot[0, 0]))
-
-
-def wrap_angle(a: float) -> float:
-    return float((a + np.pi) % (2 * np.pi) - np.pi)
-
-
-def grasp_yaw(view: ExpertView) -> float:
-    """The symmetric grasp yaw of the object closest to the gripper's current yaw."""
-    current = gripper_yaw(view.tcp_rot)
-    if view.obj.grasp_period == 0:
-        return current
-    base = view.obj_yaw + view.obj.grasp_yaw
-    k = np.round((current - base) / view.obj.grasp_period)
-    return wrap_angle(base + k * view.obj.grasp_period)
-
-
-def move_action(view: ExpertView, target: np.ndarray, yaw: float, gripper: float) -> np.ndarray:
-    """Proportional step toward a TCP position and a downward orientation with the given yaw."""
-    dpos = POS_GAIN * (target - view.tcp_pos)
-    dpos *= min(1.0, POS_STEP / (np.linalg.norm(dpos) + 1e-9))
-    wanted = Rotation.from_euler("z", yaw).as_matrix() @ DOWN
-    drot = ROT_GAIN * Rotation.from_matrix(wanted @ view.tcp_rot.T).as_rotvec()
-    drot *= min(1.0, ROT_STEP / (np.linalg.norm(drot) + 1e-9))
-    # ManiSkill 3.0.1 scales rotation actions by -ROT_STEP (see the module docstring).
-    return np.concatenate([dpos / POS_STEP, -drot / ROT_STEP, [gripper]]).astype(np.float32)
-
-
-class ScriptedExpert:
-    """reach above -> descend -> grasp -> lift -> carry over the receptacle -> lower -> release
-    -> retreat. It re-plans from the live state every step: if the object leaves the hand or is
-    moved (the `reposition` split), it goes back to reaching."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.phase, self.steps_in_phase = "reach", 0
-        self.yaw = 0.0
-
-    def goto(self, phase: str) -> None:
-        self.phase, self.steps_in_phase = phase, 0
-
-    def act(self, v: ExpertView) -> np.ndarray:
-        self.steps_in_phase += 1
-        obj_bottom = v.obj_center[2] - v.obj.height / 2
-        grasp_point = np.array([*v.obj_center[:2], obj_bottom + v.obj.grasp_height])
-        xy_error = float(np.linalg.norm(grasp_point[:2] - v.tcp_pos[:2]))
-        # Where the TCP must go for the object's centre to be over the receptacle's centre.
-        over_rec = v.rec_pos[:2] + (v.tcp_pos[:2] - v.obj_center[:2])
-        obj_on_rec = v.rec.contains_xy(*(v.obj_center[:2] - v.rec_pos[:2]))
-
-        if self.phase in ("descend", "grasp") and xy_error > 0.03:
-            self.goto("reach")  # the object moved away: start over
-        if self.phase in ("lift", "carry") and not v.grasped and self.steps_in_phase > 2:
-            self.goto("reach")  # dropped it
-        if self.phase in ("retreat", "done") and not obj_on_rec:
-            self.goto("reach")
-
-        if self.phase == "reach":
-            self.yaw = grasp_yaw(v)
-            target = grasp_point + [0.0, 0.0, HOVER]
-            yaw_error = abs(wrap_angle(self.yaw - gripper_yaw(v.tcp_rot)))
-            if xy_error < 0.01 and abs(target[2] - v.tcp_pos[2]) < 0.02 and yaw_error < 0.08:
-                self.goto("descend")
-            return move_action(v, target, self.yaw, 1.0)
-        if self.phase == "descend":
-            if abs(grasp_point[2] - v.tcp_pos[2]) < 0.006 or self.steps_in_phase > 10:
-                self.goto("grasp")
-            return move_action(v, grasp_point, self.yaw, 1.0)
-        if self.phase == "grasp":
-            if self.steps_in_phase >= 3:
-                self.goto("lift")
-            return move_action(v, grasp_point, self.yaw, -1.0)
-        if self.phase == "lift":
-            target = np.array([*v.tcp_pos[:2], CARRY_Z])
-            if v.tcp_pos[2] > CARRY_Z - 0.03:
-                self.goto("carry")
-            return move_action(v, target, self.yaw, -1.0)
-        if self.phase == "carry":
-            target = np.array([*over_rec, CARRY_Z])
-            if np.linalg.norm(target[:2] - v.tcp_pos[:2]) < 0.01:
-                self.goto("lower")
-            return move_action(v, target, self.yaw, -1.0)
-        if self.phase == "lower":
-            drop = v.rec_pos[2] + v.rec.surface + PLACE_GAP - obj_bottom
-            target = np.array([*over_rec, v.tcp_pos[2] + drop])
-            if abs(drop) < 0.006 or self.steps_in_phase > 10 or not v.grasped:
-                self.goto("release")
-            return move_action(v, target, self.yaw, -1.0)
-        if self.phase == "release":
-            if self.steps_in_phase >= 2:
-                self.goto("retreat")
-            return move_action(v, v.tcp_pos, self.yaw, 1.0)
-        if self.phase == "retreat":
-            target = np.array([*v.tcp_pos[:2], CARRY_Z])
-            if v.tcp_pos[2] > CARRY_Z - 0.03:
-                self.goto("done")
-            return move_action(v, target, self.yaw, 1.0)
-        return np.array([0, 0, 0, 0, 0, 0, 1.0], dtype=np.float32)  # done: wait, gripper open
-
-
-# --------------------------------------------------------------------------------------------
-# 7. One environment: scene + reward + perturbations + expert
-# --------------------------------------------------------------------------------------------
-
-
-class PutOnTask:
-    """A single episode at a time, fixed horizon, no early termination."""
-
-    def __init__(self, split: str, image_size: int = 112,
-                 max_episode_steps: int = MAX_EPISODE_STEPS):
-        self.image_size, self.max_episode_steps = image_size, max_episode_steps
-        self.scene: PutOnScene | None = None
-        self.set_split(split)
-
-    def set_split(self, split: str) -> None:
-        """Build the scene of `split`, replacing any earlier one: ~0.4 s while the process's
-        renderer is up, against ~4 s to start it and ~3 s of imports in a new worker (measured),
-        which is why VecEnv.set_split reuses its worker processes."""
-        check_split(split)
-        old_scene = self.scene
-        try:
-            scene = PutOnScene(
-                split,
-                self.image_size,
-                # Segmentation costs a second read-back per frame: only the texture splits use it.
-                obs_mode="rgb+segmentation" if split in TEXTURE_ALPHA else "rgb",
-                reward_mode="none",
-                control_mode="pd_ee_delta_pose",
-                sim_backend="cpu",
-                # TODO: ManiSkill's GPU-batched sim (sim_backend="gpu") would run all envs in one
-                # process on CUDA machines; it needs batched versions of evaluate/placement.
-                render_backend="gpu" if torch.cuda.is_available() else "cpu",
-            )
-        except RuntimeError as err:
-            text = str(err).lower()
-            if any(key in text for key in ("vk::", "vulkan", "render device")):
-                raise RenderingUnavailable(f"{RENDER_HELP}\n(SAPIEN said: {err})") from None
-            raise
-        # The new scene is built before the old one closes: closing a process's last scene shuts
-        # SAPIEN's renderer down, and the next scene then paid its ~4 s start-up again.
-        if old_scene is not None:
-            old_scene.close()
-        self.scene, self.split = scene, split
-        self.mask_ids = self.scene.segmentation_ids()
-        self.expert = ScriptedExpert()
-        self.episode: Episode | None = None
-        self.t = 0
-        self.reward = PotentialReward()
-        self._expert_cache: tuple[int, np.ndarray] | None = None  # (step, action)
-
-    # --- episode loop ---
-
-    def reset(self, episode_id: int) -> tuple[np.ndarray, str]:
-        self.episode = decode_episode(self.split, episode_id)
-        obs, _ = self.scene.reset(options={"episode": self.episode})
-        self.t = 0
-        self.reward = PotentialReward()
-        self.expert.reset()
-        self._expert_cache = None
-        return self._image(obs), self.episode.instruction
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict]:
-        if self.episode is None or self.t >= self.max_episode_steps:
-            raise RuntimeError("episode is over (or never started): call reset() first")
-        if self.t == REPOSITION_STEP and self.episode.reposition_xy is not None:
-            x, y = self.episode.reposition_xy
-            self.scene.set_object_pose(self.episode.objects[0], (x, y, 0.0),
-                                       self.episode.object_yaw[0])
-        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
-        obs, _, _, _, info = self.scene.step(action)
-        self.t += 1
-        grasped, success = bool(info["grasped"][0]), bool(info["success"][0])
-        reward = self.reward.update(grasped, success)
-        info = {
-            "success": success,
-            "success_once": self.reward.success_once,
-            "grasped": grasped,
-            "episode_id": self.episode.episode_id,
-        }
-        return self._image(obs), reward, self.t >= self.max_episode_steps, info
-
-    def _image(self, obs: dict) -> np.ndarray:
-        """The camera image with the split's dynamic perturbation for the current step."""
-        camera = obs["sensor_data"]["camera"]
-        image = _numpy(camera["rgb"][0]).astype(np.uint8)
-        if self.split in TEXTURE_ALPHA:
-            rng = frame_rng(self.split, self.episode.episode_id, self.t)
-            mask = np.isin(_numpy(camera["segmentation"][0, ..., 0]), self.mask_ids)
-            pattern = random_pattern(rng, *image.shape[:2])
-            image = blend(image, pattern, TEXTURE_ALPHA[self.split], mask)
-        elif self.split in NOISE_ALPHA:
-            rng = frame_rng(self.split, self.episode.episode_id, self.t)
-            image = blend(image, random_noise(rng, *image.shape[:2]), NOISE_ALPHA[self.split])
-        return image
-
-    # --- ground truth for the expert and for tests ---
-
-    def expert_view(self) -> ExpertView:
-        ep, s = self.episode, self.scene
-        tcp = s.agent.tcp.pose
-        obj_pose = s.target_object.pose
-        obj_rot = Rotation.from_quat(_numpy(obj_pose.q[0]), scalar_first=True).as_matrix()
-        return ExpertView(
-            tcp_pos=_numpy(tcp.p[0]).astype(np.float64),
-            tcp_rot=Rotation.from_quat(_numpy(tcp.q[0]), scalar_first=True).as_matrix(),
-            obj_center=s.object_center(ep.objects[0]),
-            obj_yaw=float(np.arctan2(obj_rot[1, 0], obj_rot[0, 0])),
-            obj=OBJECTS[ep.objects[0]],
-            rec_pos=_numpy(s.target_receptacle.pose.p[0]).astype(np.float64),
-            rec=RECEPTACLES[ep.receptacles[0]],
-            grasped=bool(s.agent.is_grasping(s.target_object)[0]),
-        )
-
-    def expert_action(self) -> np.ndarray:
-        """The expert's action for the current step (cached: asking twice does not advance it)."""
-        if self._expert_cache is None or self._expert_cache[0] != self.t:
-            self._expert_cache = (self.t, self.expert.act(self.expert_view()))
-        return self._expert_cache[1]
-
-    def state(self) -> dict:
-        """Ground-truth positions for tests and debugging."""
-        s = self.scene
-        return {
-            "episode": self.episode,
-            "t": self.t,
-            "target_pos": _numpy(s.target_object.pose.p[0]),
-            "receptacle_pos": _numpy(s.target_receptacle.pose.p[0]),
-            "object_pos": {n: _numpy(a.pose.p[0]) for n, a in s.objects.items()},
-            "qpos": _numpy(s.agent.robot.get_qpos()[0]),
-            "tcp_pos": _numpy(s.agent.tcp.pose.p[0]),
-            "table": self.episode.table,
-        }
-
-    def place_target_on_receptacle(self) -> None:
-        """Teleport the target object onto the centre of the target receptacle (tests)."""
-        ep = self.episode
-        rec_pos = _numpy(self.scene.target_receptacle.pose.p[0])
-        top = rec_pos[2] + RECEPTACLES[ep.receptacles[0]].surface
-        self.scene.set_object_pose(ep.objects[0], (rec_pos[0], rec_pos[1], top), ep.object_yaw[0])
-
-    def close(self) -> None:
-        if self.scene is not None:
-            self.scene.close()
-            self.scene = None
-
-
-# --------------------------------------------------------------------------------------------
-# 8. Batched interface (docs/DESIGN.md)
-# --------------------------------------------------------------------------------------------
-
-
-def _worker(conn, split: str, num_tasks: int, image_size: int, max_episode_steps: int) -> None:
-    """Subprocess loop: owns `num_tasks` PutOnTasks and runs a method on each per request."""
-    torch.set_num_threads(1)  # several workers share few cores
-    try:
-        tasks = [PutOnTask(split, image_size, max_episode_steps) for _ in range(num_tasks)]
-    except RenderingUnavailable as err:
-        conn.send(("render_error", str(err)))
-        return
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ok", None))
-    while True:
-        method, args = conn.recv()
-        if method == "close":
-            for task in tasks:
-                task.close()
-            conn.close()
-            return
-        try:
-            results = [getattr(task, method)(*a) for task, a in zip(tasks, args, strict=True)]
-            conn.send(("ok", results))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
-
-
-def _check_reply(status: str, payload: Any) -> Any:
-    if status == "render_error":
-        raise RenderingUnavailable(payload)
-    if status == "error":
-        raise RuntimeError(f"env worker failed:\n{payload}")
-    return payload
-
-
-class VecEnv:
-    """N PutOnTasks behind one batched interface; see make_vec_env."""
-
-    def __init__(self, split: str, num_envs: int, image_size: int, seed: int, max_episode_steps: int,
-                 num_workers: int | None):
-        check_split(split)
-        self.split, self.num_envs, self.image_size = split, num_envs, image_size
-        self.max_episode_steps = max_episode_steps
-        self.rng = np.random.default_rng(seed)
-        self.episode_ids = np.zeros(num_envs, dtype=np.int64)
-        self.instructions: list[str] = [""] * num_envs
-        self._sent: tuple[str, list[tuple]] | None = None  # a call sent and not yet received
-        if num_workers is None:
-            num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
-        self.tasks: list[PutOnTask] = []
-        self.workers: list[tuple[Any, Any, int]] = []  # (process, pipe, number of envs)
-        if num_workers == 0:
-            self.tasks = [PutOnTask(split, image_size, max_episode_steps) for _ in range(num_envs)]
-            return
-        ctx = mp.get_context("spawn")  # forking a process that has touched Vulkan is unsafe
-        for chunk in np.array_split(np.arange(num_envs), min(num_workers, num_envs)):
-            parent, child = ctx.Pipe()
-            worker_args = (child, split, len(chunk), image_size, max_episode_steps)
-            proc = ctx.Process(target=_worker, args=worker_args, daemon=True)
-            proc.start()
-            child.close()
-            self.workers.append((proc, parent, len(chunk)))
-        try:
-            for _, pipe, _ in self.workers:
-                try:
-                    _check_reply(*pipe.recv())
-                except EOFError:
-                    raise RuntimeError("an env worker died while starting (see its output)") from None
-        except BaseException:
-            self.close()
-            raise
-
-    def call(self, method: str, *per_env_args: Sequence[Any]) -> list[Any]:
-        """Run PutOnTask.method on every env; per_env_args are sequences of length num_envs."""
-        self._send(method, *per_env_args)
-        return self._receive()
-
-    def _send(self, method: str, *per_env_args: Sequence[Any]) -> None:
-        """Start a call: worker processes get it at once; in-process envs run it in _receive."""
-        if self._sent is not None:
-            raise RuntimeError("step_async() must be followed by step_wait() before the next call")
-        args = list(zip(*per_env_args, strict=True)) if per_env_args else [()] * self.num_envs
-        self._sent = (method, args)
-        start = 0
-        for _, pipe, n in self.workers:  # send to all first, so the workers run in parallel
-            pipe.send((method, args[start:start + n]))
-            start += n
-
-    def _receive(self) -> list[Any]:
-        """The per-env results of the call _send started."""
-        if self._sent is None:
-            raise RuntimeError("step_wait() called without step_async()")
-        (method, args), self._sent = self._sent, None
-        if self.tasks:
-            return [getattr(task, method)(*a) for task, a in zip(self.tasks, args, strict=True)]
-        # Read every reply before raising, or a failed worker would leave the others' answers
-        # in their pipes and desynchronise the next call.
-        replies = [pipe.recv() for _, pipe, _ in self.workers]
-        return [result for reply in replies for result in _check_reply(*reply)]
-
-    def reset(self, episode_ids: Sequence[int] | np.ndarray | None = None) -> dict:
-        if episode_ids is None:
-            episode_ids = self.rng.integers(0, 2**31 - 1, size=self.num_envs)
-        episode_ids = np.asarray(episode_ids, dtype=np.int64).reshape(-1)
-        if len(episode_ids) != self.num_envs:
-            raise ValueError(f"need {self.num_envs} episode ids, got {len(episode_ids)}")
-        self.episode_ids = episode_ids
-        results = self.call("reset", [int(i) for i in episode_ids])
-        self.instructions = [r[1] for r in results]
-        return {"image": np.stack([r[0] for r in results]), "instruction": list(self.instructions)}
-
-    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, dict]:
-        self.step_async(actions)
-        return self.step_wait()
-
-    def step_async(self, actions: np.ndarray) -> None:
-        """Send the actions to the worker processes and return at once (in-process envs only
-        keep them), so the caller can work while the workers step. step_wait() must come next:
-        any other call in between raises."""
-        actions = np.array(actions, dtype=np.float32)  # a copy: the caller may reuse its array
-        if actions.shape != (self.num_envs, 7):
-            raise ValueError(f"actions must have shape ({self.num_envs}, 7), got {actions.shape}")
-        self._send("step", list(actions))
-
-    def step_wait(self) -> tuple[dict, np.ndarray, np.ndarray, dict]:
-        """Wait for the step step_async() started; returns what step() returns."""
-        results = self._receive()
-        images, rewards, dones, infos = zip(*results, strict=True)
-        obs = {"image": np.stack(images), "instruction": list(self.instructions)}
-        info = {key: np.array([i[key] for i in infos]) for key in infos[0]}
-        return obs, np.array(rewards, dtype=np.float32), np.array(dones, dtype=np.bool_), info
-
-    def expert_action(self) -> np.ndarray:
-        return np.stack(self.call("expert_action"))
-
-    def set_split(self, split: str) -> None:
-        """Rebuild every env on another split in the same worker processes: ~0.4-0.7 s instead
-        of the ~10 s a new worker spends importing and starting its renderer (measured)."""
-        check_split(split)
-        self.call("set_split", [split] * self.num_envs)
-        self.split = split
-
-    def close(self) -> None:
-        for task in self.tasks:
-            task.close()
-        for proc, pipe, _ in self.workers:
-            try:
-                pipe.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-        self.tasks, self.workers = [], []
-
-    def __enter__(self) -> VecEnv:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def make_vec_env(split: str, num_envs: int, image_size: int = 112, seed: int = 0,
-                 max_episode_steps: int = MAX_EPISODE_STEPS, num_workers: int | None = None) -> VecEnv:
-    """Batched envs of one split (docs/DESIGN.md). CPU physics, one ManiSkill env per task;
-    num_workers subprocesses share the envs (None: one per env up to the CPU count, and
-    in-process when num_envs == 1; 0: all in this process). split="toy" gives the synthetic
-    toy task of toy_env.py (no simulator) that the learning tests use."""
-    if split == "toy":
-        from toy_env import ToyVecEnv
-
-        return ToyVecEnv(num_envs, image_size, seed, max_episode_steps)
-    check_split(split)
-    return VecEnv(split, num_envs, image_size, seed, max_episode_steps, num_workers)
-
-
-def expert_action(envs: VecEnv) -> np.ndarray:
-    """The scripted expert's actions [N, 7] for the envs' current states (ground truth)."""
-    return envs.expert_action()
-
-
-# --------------------------------------------------------------------------------------------
-# 9. Demonstrations
-# --------------------------------------------------------------------------------------------
-
-
-def drop_idle_steps(actions: np.ndarray, min_translation: float = 0.01,
-                    min_rotation: float = 0.06) -> np.ndarray:
-    """Indices of the steps to keep: a step is idle when it moves less than min_translation
-    metres and rotates less than min_rotation radians, and is kept anyway if the gripper
-    command toggles (idle steps teach a policy to stand still)."""
-    actions = np.asarray(actions)
-    translation = np.linalg.norm(actions[:, :3], axis=1) * POS_STEP
-    rotation = np.linalg.norm(actions[:, 3:6], axis=1) * ROT_STEP
-    gripper = np.sign(actions[:, 6])
-    previous = np.concatenate([[1.0], gripper[:-1]])  # episodes start with the gripper open
-    keep = (translation >= min_translation) | (rotation >= min_rotation) | (gripper != previous)
-    return np.flatnonzero(keep)
-
-
-@dataclass
-class Demo:
-    episode_id: int
-    instruction: str
-    images: np.ndarray  # uint8 [T, H, W, 3], the observation before each action
-    actions: np.ndarray  # float32 [T, 7]
-    success: bool
-
-
-@dataclass
-class ExpertRollout:
-    images: np.ndarray  # uint8 [T + 1, N, H, W, 3]
-    actions: np.ndarray  # [T, N, 7]
-    rewards: np.ndarray  # [T, N]
-    success: np.ndarray  # [T, N] success at each step
-    instructions: list[str]
-    episode_ids: np.ndarray
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-def rollout_expert(envs: VecEnv, episode_ids: Sequence[int],
-                   stop_after_success: int | None = None) -> ExpertRollout:
-    """Run the expert from the given ids; stop early once every env has stayed successful for
-    stop_after_success steps (None: run the full horizon)."""
-    start = time.perf_counter()
-    obs = envs.reset(episode_ids)
-    images, actions, rewards, successes = [obs["image"]], [], [], []
-    streak = np.zeros(envs.num_envs, dtype=int)
-    for _ in range(envs.max_episode_steps):
-        action = expert_action(envs)
-        obs, reward, done, info = envs.step(action)
-        images.append(obs["image"])
-        actions.append(action)
-        rewards.append(reward)
-        successes.append(info["success"])
-        streak = np.where(info["success"], streak + 1, 0)
-        if done.all() or (stop_after_success is not None and (streak >= stop_after_success).all()):
-            break
-    return ExpertRollout(
-        np.stack(images), np.stack(actions), np.stack(rewards), np.stack(successes),
-        obs["instruction"], np.asarray(episode_ids), time.perf_counter() - start,
-    )
-
-
-def collect_expert_demos(envs: VecEnv, episode_ids: Sequence[int],
-                         success_steps: int = 6) -> list[Demo]:
-    """Expert demonstrations as in the paper: each episode is cut after `success_steps` steps of
-    success, then idle steps are dropped. Failed episodes come back with success=False."""
-    roll = rollout_expert(envs, episode_ids, stop_after_success=success_steps)
-    demos = []
-    for n in range(envs.num_envs):
-        run, end = 0, len(roll.actions)
-        for t, success in enumerate(roll.success[:, n]):
-            run = run + 1 if success else 0
-            if run >= success_steps:
-                end = t + 1
-                break
-        keep = drop_idle_steps(roll.actions[:end, n])
-        demos.append(Demo(
-            episode_id=int(roll.episode_ids[n]),
-            instruction=roll.instructions[n],
-            images=roll.images[:end, n][keep],
-            actions=roll.actions[:end, n][keep].astype(np.float32),
-            success=bool(run >= success_steps),
-        ))
-    return demos
-
-
-# --------------------------------------------------------------------------------------------
-# 10. CLI: run the expert on splits and draw a contact sheet
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Args:
-    split: str = "ind"
-    """split to run (see SPLITS), or "all" for every split, one contact-sheet row each"""
-    episodes: int = 4
-    """episodes per split (episode ids 0 .. episodes-1)"""
-    image_size: int = 112
-    """camera resolution in pixels (112 for the tiny model, 224 for OpenVLA)"""
-    num_envs: int = 1
-    """envs run in parallel; above 1 each gets a worker process (worth it from ~4 free cores,
-    since starting a worker costs seconds and 1 env runs in this process)"""
-    max_episode_steps: int = MAX_EPISODE_STEPS
-    """fixed horizon of every episode"""
-    out: str = "contact_sheet.png"
-    """where to write the contact sheet (first / middle / last frame of every episode)"""
-
-
-def save_contact_sheet(rows: list[tuple[str, ExpertRollout]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_eps = max(len(r.episode_ids) for _, r in rows)
-    size = (3 * num_eps * 1.3, len(rows) * 1.45)
-    fig, axes = plt.subplots(len(rows), 3 * num_eps, figsize=size, squeeze=False)
-    for row, (label, roll) in enumerate(rows):
-        steps = len(roll.images) - 1
-        for n in range(num_eps):
-            for k, t in enumerate((0, steps // 2, steps)):
-                ax = axes[row, 3 * n + k]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if n >= len(roll.episode_ids):
-                    ax.axis("off")
-                    continue
-                ax.imshow(roll.images[t, n])
-                ok = "ok" if roll.success[-1, n] else "fail"
-                title = roll.instructions[n] if k == 0 else f"t={t}" + (f" {ok}" if k == 2 else "")
-                ax.set_title(title, fontsize=5)
-        axes[row, 0].set_ylabel(label, fontsize=6)
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def main(args: Args) -> None:
-    splits = list(SPLITS) if args.split == "all" else [args.split]
-    if args.split != "all" and args.split not in SPLITS:
-        raise SystemExit(f"unknown split {args.split!r}; valid: all, {', '.join(SPLITS)}")
-    rows = []
-    for split in splits:
-        start = time.perf_counter()
-        try:
-            envs = make_vec_env(split, min(args.num_envs, args.episodes), args.image_size,
-                                max_episode_steps=args.max_episode_steps)
-        except RenderingUnavailable as err:
-            raise SystemExit(str(err)) from None
-        successes, rolls = [], []
-        with envs:
-            for first in range(0, args.episodes, envs.num_envs):
-                ids = [(first + i) % args.episodes for i in range(envs.num_envs)]
-                roll = rollout_expert(envs, ids)
-                count = min(envs.num_envs, args.episodes - first)
-                successes += list(roll.success[-1, :count])
-                rolls.append((roll, count))
-        rate = float(np.mean(successes))
-        seconds = time.perf_counter() - start
-        steps = sum(len(r.actions) * r.images.shape[1] for r, _ in rolls)
-        print(f"{split:24s} expert success {rate:6.1%} ({len(successes)} episodes, {seconds:5.1f} s, "
-              f"{steps / sum(r.seconds for r, _ in rolls):5.1f} env-steps/s)", flush=True)
-        merged = ExpertRollout(
-            images=np.concatenate([r.images[:, :c] for r, c in rolls], axis=1),
-            actions=np.concatenate([r.actions[:, :c] for r, c in rolls], axis=1),
-            rewards=np.concatenate([r.rewards[:, :c] for r, c in rolls], axis=1),
-            success=np.concatenate([r.success[:, :c] for r, c in rolls], axis=1),
-            instructions=sum((r.instructions[:c] for r, c in rolls), []),
-            episode_ids=np.concatenate([r.episode_ids[:c] for r, c in rolls]),
-        )
-        rows.append((f"{split}\n{rate:.0%}", merged))
-    save_contact_sheet(rows, args.out)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))

@@ -1,15 +1,16 @@
 """Evaluate checkpoints on every out-of-distribution split: a table, a bar chart, JSON and CSV.
 
-The last step of "What Can RL Bring to VLA Generalization?" (Liu et al., 2025; facts in
-../shared/PAPER.md): each policy runs on the training distribution (`ind`) and on 15 OOD
-splits in three dimensions (vision, semantics, execution), sampling at temperature 0.6, over
-several seeds; an episode counts as a success when the object rests on the receptacle at the
-final step. Every checkpoint plays the SAME episodes (initial states), so the columns of the
-table differ by their policies, not by luckier draws.
+The last step of "What Can RL Bring to VLA Generalization?" (arXiv 2505.19789, section 5 and
+Table 1; docs/PAPER_NOTES.md): each policy runs on the training distribution (`ind`) and on 15
+OOD splits in three dimensions (vision, semantics, execution), sampling at temperature 0.6,
+over several seeds; an episode counts as a success when the object rests on the receptacle at
+the final step. Every checkpoint plays the SAME episodes (initial states) with the same
+sampling noise per batch, so the columns differ by their policies, not by luckier draws.
 
     python evaluate_ood.py --checkpoint runs/sft_warmup --checkpoint runs/ppo_vla
-    python evaluate_ood.py --checkpoint SFT=runs/sft_warmup --splits vision ind --episodes 16
+    python evaluate_ood.py --env twin --checkpoint SFT=runs/sft --splits vision ind --episodes 32
     python evaluate_ood.py --checkpoint base --model-path /weights/openvla-7b   # no adapter
+    torchrun --nproc_per_node 4 evaluate_ood.py ...       # episodes shared out, rank 0 writes
 
 Writes OUTPUT_DIR/results.json (every episode's id and outcome), results.csv, success.png and,
 with --video N, videos/LABEL/*.mp4.
@@ -17,101 +18,75 @@ with --video N, videos/LABEL/*.mp4.
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
-import time
-import zlib
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, Protocol
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-import imageio.v2 as imageio
-import matplotlib
-import numpy as np
-import torch
 import tyro
-from tqdm import tqdm
 
-from common import CHECKPOINT_FILES, build_agent, load_checkpoint, resolve_device
-from envs import SPLITS, make_vec_env
-
-matplotlib.use("Agg")  # files only, no window: runs on headless machines
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from cli import parse_cli, require_non_negative, require_positive
 
 
 @dataclass
 class Args:
     checkpoint: Annotated[list[str], tyro.conf.UseAppendAction]
-    """checkpoint to evaluate (required, repeatable): a run directory (or its checkpoint/ folder) written by sft_warmup.py, ppo_vla.py, grpo_vla.py or dpo_vla.py, or 'base' for the model without adapter; NAME=PATH sets its column label (default: the run directory's name)"""
+    """checkpoint to evaluate (required, repeatable): a run directory (or its checkpoint/) of any
+    training script, or 'base' for the base model without adapter; NAME=PATH sets its label"""
+    env: Literal["maniskill", "twin"] = "maniskill"
+    """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
     splits: tuple[str, ...] = ("all",)
-    """'all' (ind + 15 OOD splits), dimensions ('vision', 'semantics', 'execution'), split names, or 'toy' (the synthetic test task)"""
+    """'all' (ind + 15 OOD splits), dimensions ('vision', 'semantics', 'execution'), split names"""
     episodes: int = 64
     """episodes per split and seed (64 x 3 seeds: the paper's rates are multiples of 1/192)"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """evaluation seeds (paper: 3); (seed, split) fixes the episode ids and the sampling noise"""
     temperature: float = 0.6
     """action-token sampling temperature (paper: 0.6; 0 = greedy)"""
-    preset: Literal["tiny", "openvla-7b"] | None = None
-    """model preset; default: each checkpoint's own ('tiny' for 'base' without --model-path); when given, a checkpoint trained on another preset is an error"""
     model_path: str | None = None
-    """local directory with the official OpenVLA-7B weights (implies --preset openvla-7b); overrides the path stored in the checkpoints"""
+    """the base model's directory now (if it moved since training), or the base of 'base'"""
+    unnorm_key: str | None = None
+    """which dataset's action statistics of --model-path to use, for 'base' (needed if several)"""
     num_envs: int = 16
-    """environments stepped together, one batched policy forward per step (capped at --episodes)"""
+    """environments stepped together per rank, one batched policy forward per step"""
     num_workers: int | None = None
-    """env subprocesses: None = envs.py's default (one per env up to the CPU count), 0 = in this process"""
+    """ManiSkill env subprocesses: None = one per env up to the CPU count, 0 = in this process"""
     image_size: int | None = None
     """rendered image size; default: the model's input size"""
-    max_episode_steps: int = 80
-    """episode horizon, no early termination (paper: 80)"""
+    max_episode_steps: int | None = None
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36)"""
     video: int = 0
     """save videos of the first N episodes of every split (first seed only); 0 = none"""
+    paper_columns: bool = True
+    """print the paper's SFT-16k and PPO rates beside ours (ManiSkill numbers: direction only)"""
     output_dir: str = "results/eval_ood"
     """where results.json, results.csv, success.png and videos/ are written"""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU"""
 
 
-class Policy(Protocol):
-    """Anything that maps a batch of observations to env actions, like common.ActorCritic."""
-
-    def act(self, images: np.ndarray, instructions: list[str], temperature: float) -> Any:
-        """Returns an object whose `.actions` is float32 [N, 7] in the env's action space."""
-        ...
-
-
-@dataclass
-class EpisodeOutcomes:
-    """The episodes of one (checkpoint, split, seed); arrays of length `episodes`."""
-
-    episode_ids: np.ndarray
-    success: np.ndarray  # object on the receptacle at the final step: the paper's metric
-    success_once: np.ndarray  # succeeded at some step (a policy may knock the object off again)
-    returns: np.ndarray
-    seconds: float
-
-    @property
-    def success_rate(self) -> float:
-        return 100.0 * float(np.mean(self.success))
+def check_args(args: Args) -> None:
+    require_positive(args, "episodes", "num_envs", "max_episode_steps", "image_size")
+    require_non_negative(args, "temperature", "video", "num_workers")
+    if not args.seeds:
+        raise ValueError("--seeds needs at least one seed")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has repeats: {args.seeds}")
+    resolve_splits(args.splits, args.env)
+    labels = [parse_checkpoint(spec)[0] for spec in args.checkpoint]
+    if not labels:
+        raise ValueError("nothing to evaluate: give --checkpoint RUN_DIR (repeatable), NAME=RUN_DIR or base")
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"two checkpoints are labelled {label!r}; name them with NAME=PATH")
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit status 1: a user's mistake deserves no traceback."""
-    raise SystemExit(f"error: {message}")
-
-
-# ---------------------------------------------------------------------------- splits
-
-
-def dimension_of(split: str) -> str:
-    """'unseen_table' -> 'vision'; a split outside the benchmark (toy) is its own dimension."""
-    return SPLITS.get(split, split)
-
-
-def resolve_splits(requested: tuple[str, ...]) -> list[str]:
+def resolve_splits(requested: tuple[str, ...], env: str) -> list[str]:
     """Expand 'all' and dimension names; keep the benchmark's order so the table groups well."""
-    benchmark = [*SPLITS, "toy"]
-    dimensions = set(SPLITS.values())
+    from envs import SPLITS, valid_splits
+
+    benchmark = list(valid_splits(env))
+    dimensions = set(SPLITS.values()) - {"ind"}
     chosen: set[str] = set()
     for name in requested:
         if name == "all":
@@ -121,25 +96,17 @@ def resolve_splits(requested: tuple[str, ...]) -> list[str]:
         elif name in benchmark:
             chosen.add(name)
         else:
-            valid = ["all", *sorted(dimensions - set(SPLITS)), *benchmark]
-            fail(f"unknown split {name!r}; valid: {', '.join(valid)}")
+            raise ValueError(f"unknown split {name!r}; valid: all, {', '.join(sorted(dimensions))}, "
+                             f"{', '.join(benchmark)}")
     if not chosen:
-        fail("no split chosen: give --splits NAME ... (or all)")
+        raise ValueError("no split chosen: give --splits NAME ... (or all)")
     return [s for s in benchmark if s in chosen]
-
-
-def episode_ids_for(seed: int, split: str, episodes: int) -> np.ndarray:
-    """The episode ids of (seed, split). A pure function, so every checkpoint gets the same
-    episodes; crc32 rather than hash() because Python salts string hashes per process."""
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    return rng.integers(0, 2**31 - 1, size=episodes)
-
-
-# ---------------------------------------------------------------------------- checkpoints
 
 
 def parse_checkpoint(spec: str) -> tuple[str, str]:
     """'NAME=PATH' -> (NAME, PATH); 'runs/ppo_vla/checkpoint' and 'runs/ppo_vla' -> ('ppo_vla', spec)."""
+    from pathlib import Path
+
     if "=" in spec:
         label, path = spec.split("=", 1)
         return label, path
@@ -148,136 +115,134 @@ def parse_checkpoint(spec: str) -> tuple[str, str]:
     return label or spec, spec
 
 
-def checkpoint_dir(path: str) -> Path:
+if __name__ == "__main__":
+    ARGS = parse_cli(Args, check_args)  # before the heavy imports: --help answers at once
+
+import csv
+import json
+import sys
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import imageio.v2 as imageio
+import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common import (
+    CheckpointError,
+    EpisodeOutcomes,
+    build_agent,
+    evaluate_policy,
+    evaluation_episode_ids,
+    init_distributed,
+    load_checkpoint,
+    read_checkpoint_config,
+    resolve_device,
+    resolve_dtype,
+    world_info,
+)
+from envs import SPLITS, RenderingUnavailable, make_vec_env
+
+matplotlib.use("Agg")  # files only, no window: runs on headless machines
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+# arXiv 2505.19789, Table 1 (OpenVLA on ManiSkill3, success %, mean of 3 seeds): SFT-16k / PPO.
+PAPER_RATES = {
+    "ind": (78.1, 93.8), "unseen_table": (71.9, 84.4), "texture_weak": (71.9, 83.3),
+    "texture_strong": (55.7, 63.0), "noise_weak": (70.8, 85.4), "noise_strong": (50.5, 66.7),
+    "unseen_objects": (45.3, 71.4), "unseen_receptacles": (61.5, 75.0), "unseen_instructions": (67.2, 89.1),
+    "multi_object_seen": (61.5, 75.0), "multi_object_unseen": (29.7, 57.8),
+    "distractor_receptacle": (67.2, 81.2), "multi_receptacle": (45.8, 59.9),
+    "unseen_position": (56.8, 80.7), "unseen_robot_pose": (33.9, 79.7), "reposition": (28.6, 74.5),
+    "avg:vision": (64.2, 76.6), "avg:semantics": (54.0, 72.8), "avg:execution": (39.8, 78.3),
+}
+
+
+def dimension_of(split: str) -> str:
+    """'unseen_table' -> 'vision'; a split outside the benchmark (pretrain) is its own dimension."""
+    return SPLITS.get(split, split)
+
+
+def checkpoint_folder(path: str) -> Path:
     """Accept a run directory as well as the checkpoint/ folder that the training scripts write."""
-    if (Path(path) / "checkpoint" / "config.json").exists():
-        return Path(path) / "checkpoint"
-    return Path(path)
-
-
-def check_checkpoints(checkpoints: list[tuple[str, str]], preset: str | None) -> None:
-    """Catch bad paths and preset mismatches before an hour goes into the first checkpoint.
-
-    Reads only config.json; corrupt weights show up when load_checkpoint reads them.
-    """
-    if not checkpoints:
-        fail("nothing to evaluate: give --checkpoint RUN_DIR (repeatable), NAME=RUN_DIR or base")
-    labels = [label for label, _ in checkpoints]
-    for label, path in checkpoints:
-        if labels.count(label) > 1:
-            fail(f"two checkpoints are labelled {label!r}; name them with NAME=PATH")
-        if path == "base":
-            continue
-        folder = checkpoint_dir(path)
-        if not folder.is_dir():
-            fail(f"checkpoint {path} does not exist")
-        missing = [name for name in CHECKPOINT_FILES if not (folder / name).exists()]
-        if missing:
-            fail(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
-        try:
-            found = json.loads((folder / "config.json").read_text())["preset"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-            fail(f"checkpoint {path} is corrupt: config.json unreadable ({type(error).__name__}: {error})")
-        if preset is not None and found != preset:
-            fail(f"checkpoint {path} was trained with preset {found!r}, not the requested {preset!r}")
+    return Path(path) / "checkpoint" if (Path(path) / "checkpoint" / "config.json").exists() else Path(path)
 
 
 def load_policy(path: str, args: Args, device: torch.device) -> Any:
-    """An ActorCritic: the checkpoint's adapter, or for 'base' the bare model (LoRA B = 0)."""
-    try:
-        if path == "base":
-            return build_agent(args.preset or "tiny", args.model_path, image_size=args.image_size,
-                               device=device)
-        agent, _ = load_checkpoint(checkpoint_dir(path), device=device, preset=args.preset,
-                                   model_path=args.model_path)
-        return agent
-    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
-        fail(f"cannot load {path}: {str(error).splitlines()[0]}")
+    """An agent without critic: the checkpoint's adapter, or for 'base' the bare model (LoRA B = 0)."""
+    dtype = resolve_dtype(args.dtype, device)
+    if path == "base":
+        return build_agent(args.model_path, critic=None, image_size=args.image_size, device=device,
+                           unnorm_key=args.unnorm_key, dtype=dtype)
+    agent, _ = load_checkpoint(checkpoint_folder(path), device=device, model_path=args.model_path,
+                               critic=None, dtype=dtype)
+    return agent
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 
-def run_episodes(
-    policy: Policy, envs: Any, episode_ids: np.ndarray, temperature: float, num_videos: int = 0,
-    progress: tqdm | None = None,
-) -> tuple[EpisodeOutcomes, list[np.ndarray]]:
-    """Play the given episodes, num_envs at a time, to the end of the horizon.
+def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, image_size: int,
+                       progress: tqdm) -> dict[str, list[EpisodeOutcomes]]:
+    """split -> one EpisodeOutcomes per seed, merged over ranks on rank 0.
 
-    Returns the outcomes and the frames [T + 1, H, W, 3] of the first num_videos episodes.
-    The last batch is padded by repeating its final id; the padding's results are dropped.
-    """
-    start_time = time.perf_counter()
-    n = envs.num_envs
-    success, success_once, returns, videos = [], [], [], []
-    for start in range(0, len(episode_ids), n):
-        batch = episode_ids[start:start + n]
-        obs = envs.reset(episode_ids=np.concatenate([batch, np.repeat(batch[-1:], n - len(batch))]))
-        frames = [obs["image"]]
-        episode_return = np.zeros(n, dtype=np.float32)
-        done = np.zeros(n, dtype=bool)
-        while not done.all():
-            actions = policy.act(obs["image"], obs["instruction"], temperature=temperature).actions
-            obs, reward, done, info = envs.step(np.asarray(actions, dtype=np.float32))
-            episode_return += reward
-            if len(videos) < num_videos:
-                frames.append(obs["image"])
-        k = len(batch)
-        success.append(info["success"][:k])
-        success_once.append(info["success_once"][:k])
-        returns.append(episode_return[:k])
-        for i in range(min(num_videos - len(videos), k)):
-            videos.append(np.stack([frame[i] for frame in frames]))
-        if progress is not None:
-            progress.update(k)
-    outcomes = EpisodeOutcomes(
-        episode_ids=np.asarray(episode_ids),
-        success=np.concatenate(success).astype(bool),
-        success_once=np.concatenate(success_once).astype(bool),
-        returns=np.concatenate(returns),
-        seconds=time.perf_counter() - start_time,
-    )
-    return outcomes, videos
-
-
-def evaluate_on_splits(
-    policy: Policy, label: str, splits: list[str], args: Args, image_size: int, progress: tqdm
-) -> dict[str, list[EpisodeOutcomes]]:
-    """split -> one EpisodeOutcomes per seed. One set of env workers for all the splits: a new
-    worker costs ~10 s of imports and Vulkan start-up, switching its split ~0.4 s (measured)."""
+    The episodes of (seed, split) are cut into batches of num_envs; batch b runs on rank
+    b % world with torch seeded by (seed, split, b), so every episode's sampling noise, and so
+    its outcome, is the same whatever the number of ranks. One set of envs for all splits: a
+    ManiSkill worker costs ~10 s to start, switching its split ~0.4 s (measured)."""
+    rank, world = world_info()
     results: dict[str, list[EpisodeOutcomes]] = {}
-    envs = None
+    envs = make_vec_env(splits[0], min(args.num_envs, args.episodes), image_size, seed=args.seeds[0],
+                        max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers)
     try:
         for split in splits:
             progress.set_description(f"{label} | {split}")
-            if envs is None or "toy" in (split, envs.split):  # the toy task has no workers to reuse
-                if envs is not None:
-                    envs.close()
-                envs = make_vec_env(split, min(args.num_envs, args.episodes), image_size=image_size,
-                                    seed=args.seeds[0], max_episode_steps=args.max_episode_steps,
-                                    num_workers=args.num_workers)
-            else:
+            if envs.split != split:
                 envs.set_split(split)
             results[split] = []
             for i, seed in enumerate(args.seeds):
-                # The sampling noise is paired too: same (seed, split), same random numbers.
-                torch.manual_seed(zlib.crc32(f"{seed}/{split}".encode()))
-                ids = episode_ids_for(seed, split, args.episodes)
-                outcomes, videos = run_episodes(policy, envs, ids, args.temperature,
-                                                num_videos=args.video if i == 0 else 0, progress=progress)
-                results[split].append(outcomes)
-                save_videos(videos, outcomes, Path(args.output_dir) / "videos" / label, split, seed)
+                ids = evaluation_episode_ids(seed, split, args.episodes)
+                mine = []
+                for b, start in enumerate(range(0, len(ids), envs.num_envs)):
+                    if b % world != rank:
+                        continue
+                    torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
+                    videos = max(0, args.video - start) if i == 0 else 0
+                    mine.append((b, evaluate_policy(policy, envs, ids[start:start + envs.num_envs], videos,
+                                                    on_batch=progress.update)))
+                merged = merge_batches(mine)
+                results[split].append(merged)
+                if rank == 0:
+                    save_videos(merged, Path(args.output_dir) / "videos" / label, split, seed)
     finally:
-        if envs is not None:
-            envs.close()
+        envs.close()
     return results
+
+
+def merge_batches(mine: list[tuple[int, EpisodeOutcomes]]) -> EpisodeOutcomes:
+    """Every rank's batches -> one EpisodeOutcomes in batch order (on every rank)."""
+    _, world = world_info()
+    everything = [mine]
+    if world > 1:
+        everything = [None] * world
+        dist.all_gather_object(everything, mine)
+    batches = [o for _, o in sorted((b for part in everything for b in part), key=lambda pair: pair[0])]
+    return EpisodeOutcomes(*(np.concatenate([getattr(o, f) for o in batches])
+                             for f in ("episode_ids", "success", "success_once", "returns")),
+                           seconds=sum(o.seconds for o in batches),
+                           videos=[v for o in batches for v in o.videos])
 
 
 # ---------------------------------------------------------------------------- summary
 
 
 def mean_std(per_seed: list[float]) -> dict[str, Any]:
-    """Mean and std over seeds (population std, so that a single seed reports 0, not NaN)."""
+    """Mean and std over seeds (population std; with one seed there is no spread to report)."""
     return {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
 
 
@@ -289,7 +254,7 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str,
     """
     summary: dict[str, dict[str, dict]] = {}
     for label, by_split in results.items():
-        rows = {split: mean_std([o.success_rate for o in runs]) for split, runs in by_split.items()}
+        rows = {split: mean_std([100 * o.success_rate for o in runs]) for split, runs in by_split.items()}
         for dimension, members in grouped_splits(list(by_split)).items():
             per_seed = np.mean([rows[s]["per_seed"] for s in members], axis=0)
             rows[f"avg:{dimension}"] = mean_std([float(x) for x in per_seed])
@@ -306,23 +271,31 @@ def grouped_splits(splits: list[str]) -> dict[str, list[str]]:
 
 
 def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: Args) -> str:
-    """The paper's table: split rows grouped by dimension, one column per checkpoint."""
+    """The paper's table: split rows grouped by dimension, one column per checkpoint, and the
+    paper's SFT-16k / PPO rates at the right (ManiSkill with OpenVLA-7B: for direction only)."""
     labels = list(summary)
-    width = max(11, *(len(label) for label in labels))
+    spread = len(args.seeds) > 1
+    width = max(13 if spread else 7, *(len(label) for label in labels))
     name_width = max(16, *(len(s) + 2 for s in splits))
+    paper = args.paper_columns
 
     def row(name: str, key: str) -> str:
-        cells = [f"{summary[label][key]['mean']:5.1f} ± {summary[label][key]['std']:4.1f}" for label in labels]
-        return f"{name:<{name_width}}" + "".join(f"  {cell:>{width}}" for cell in cells)
+        cells = [f"{summary[label][key]['mean']:5.1f}" + (f" ± {summary[label][key]['std']:4.1f}" if spread else "")
+                 for label in labels]
+        line = f"{name:<{name_width}}" + "".join(f"  {cell:>{width}}" for cell in cells)
+        if paper and key in PAPER_RATES:
+            line += "   | " + "  ".join(f"{x:7.1f}" for x in PAPER_RATES[key])
+        return line
 
-    lines = [
-        f"success rate (%), mean ± std over {len(args.seeds)} seed(s) x {args.episodes} episodes, "
-        f"temperature {args.temperature}",
-        f"{'split':<{name_width}}" + "".join(f"  {label:>{width}}" for label in labels),
-        "-" * (name_width + len(labels) * (width + 2)),
-    ]
+    header = f"{'split':<{name_width}}" + "".join(f"  {label:>{width}}" for label in labels)
+    if paper:
+        header += "   | " + "  ".join(f"{x:>7}" for x in ("SFT-16k", "PPO"))
+    seeds = f"mean ± std over {len(args.seeds)} seeds" if spread else "1 seed, so no spread is shown"
+    lines = [f"success rate (%): {seeds}, {args.episodes} episodes each, temperature {args.temperature}, "
+             f"env {args.env}" + ("; right: the paper's OpenVLA-7B on ManiSkill3 (Table 1)" if paper else ""),
+             header, "-" * len(header)]
     for dimension, members in grouped_splits(splits).items():
-        if members == [dimension]:  # ind and toy are dimensions of one split: no heading
+        if members == [dimension]:  # ind is a dimension of one split: no heading
             lines.append(row(dimension, dimension))
             continue
         lines.append(dimension)
@@ -344,6 +317,7 @@ def write_json(path: Path, results: dict[str, dict[str, list[EpisodeOutcomes]]],
         "checkpoints": dict(checkpoints),
         "splits": {split: dimension_of(split) for split in splits},
         "summary": summary,
+        "paper_sft16k_ppo": {k: v for k, v in PAPER_RATES.items() if k in summary[next(iter(summary))]},
         "episodes": {
             label: {
                 split: [
@@ -420,8 +394,9 @@ def plot_chart(path: Path, summary: dict[str, dict[str, dict]], splits: list[str
         ax_avg.text((len(dimensions) - 1) / 2, 104, "average", ha="center", va="bottom", fontsize=10,
                     weight="bold")
 
-    fig.suptitle(f"Success rate per split: mean ± std over {len(args.seeds)} seed(s) x {args.episodes} "
-                 f"episodes, temperature {args.temperature}", fontsize=12)
+    spread = f"mean ± std over {len(args.seeds)} seeds" if len(args.seeds) > 1 else "1 seed"
+    fig.suptitle(f"Success rate per split ({args.env}): {spread} x {args.episodes} episodes, "
+                 f"temperature {args.temperature}", fontsize=12)
     handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=min(len(labels), 6),
                fontsize=10, frameon=False)
@@ -459,13 +434,13 @@ def video_format() -> str:
         return "gif"
 
 
-def save_videos(videos: list[np.ndarray], outcomes: EpisodeOutcomes, folder: Path, split: str, seed: int) -> None:
-    """One file per episode, named by split, seed, episode id and outcome."""
-    if not videos:
+def save_videos(outcomes: EpisodeOutcomes, folder: Path, split: str, seed: int) -> None:
+    """One file per recorded episode, named by split, seed, episode id and outcome."""
+    if not outcomes.videos:
         return
     folder.mkdir(parents=True, exist_ok=True)
     extension = video_format()
-    for frames, episode_id, ok in zip(videos, outcomes.episode_ids, outcomes.success, strict=False):
+    for frames, episode_id, ok in zip(outcomes.videos, outcomes.episode_ids, outcomes.success, strict=False):
         path = folder / f"{split}_seed{seed}_ep{episode_id}_{'success' if ok else 'fail'}.{extension}"
         if extension == "mp4":  # block size 1: keep the frame size instead of rescaling to 16k
             imageio.mimsave(path, list(frames), fps=10, macro_block_size=1)
@@ -477,37 +452,46 @@ def save_videos(videos: list[np.ndarray], outcomes: EpisodeOutcomes, folder: Pat
 
 
 def main(args: Args) -> dict[str, dict[str, dict]]:
-    if args.model_path is not None and args.preset is None:
-        args.preset = "openvla-7b"
-    if args.episodes < 1 or args.num_envs < 1 or not args.seeds:
-        fail("--episodes and --num-envs must be positive and --seeds non-empty")
-    splits = resolve_splits(args.splits)
+    rank, world, local_rank = init_distributed()
+    splits = resolve_splits(args.splits, args.env)
     checkpoints = [parse_checkpoint(spec) for spec in args.checkpoint]
-    check_checkpoints(checkpoints, args.preset)
-    device = resolve_device(args.device)
+    for _, path in checkpoints:  # every path checked before an hour goes into the first one
+        if path != "base":
+            read_checkpoint_config(checkpoint_folder(path))
+    device = resolve_device(args.device, local_rank)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # One checkpoint at a time: two 7B models would not fit in memory together.
     total = len(checkpoints) * len(splits) * len(args.seeds) * args.episodes
     results: dict[str, dict[str, list[EpisodeOutcomes]]] = {}
-    with tqdm(total=total, unit="episode", dynamic_ncols=True) as progress:
+    with tqdm(total=total, unit="episode", dynamic_ncols=True, disable=rank > 0) as progress:
         for label, path in checkpoints:
             policy = load_policy(path, args, device)
             image_size = args.image_size or policy.image_size
-            results[label] = evaluate_on_splits(policy, label, splits, args, image_size, progress)
+            results[label] = evaluate_on_splits(policy.as_policy(args.temperature), label, splits, args,
+                                                image_size, progress)
             del policy  # free its memory before the next one loads
 
     summary = summarise(results)
-    print(format_table(summary, splits, args))
-    write_json(output_dir / "results.json", results, summary, checkpoints, splits, args)
-    write_csv(output_dir / "results.csv", summary, args)
-    plot_chart(output_dir / "success.png", summary, splits, args)
-    seconds = sum(o.seconds for by_split in results.values() for runs in by_split.values() for o in runs)
-    print(f"{total / seconds:.3g} episodes/s (envs and policy, without set-up); "
-          f"wrote {output_dir}/results.json, results.csv, success.png", file=sys.stderr)
+    if rank == 0:
+        print(format_table(summary, splits, args))
+        write_json(output_dir / "results.json", results, summary, checkpoints, splits, args)
+        write_csv(output_dir / "results.csv", summary, args)
+        plot_chart(output_dir / "success.png", summary, splits, args)
+        seconds = sum(o.seconds for by_split in results.values() for runs in by_split.values() for o in runs)
+        print(f"{total / seconds:.3g} episodes/s per rank (envs and policy, without set-up); wrote "
+              f"{output_dir}/results.json, results.csv, success.png", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing was written (results are written at the end)")
+    except (CheckpointError, RenderingUnavailable, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

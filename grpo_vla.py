@@ -1,16 +1,17 @@
 """GRPO fine-tuning of a Vision-Language-Action model: PPO's clipped objective without a critic.
 
-The baseline that "What Can RL Bring to VLA Generalization?" (Liu et al., 2025; facts in
-../shared/PAPER.md) compares PPO against. Instead of learning a value function, GRPO runs G
+The baseline that "What Can RL Bring to VLA Generalization?" (arXiv 2505.19789, section 4.2;
+docs/PAPER_NOTES.md) compares PPO against. Instead of learning a value function, GRPO runs G
 environments from the SAME initial state (a "group"): the sampled trajectories differ only
 because the policy samples differently, so each trajectory's return, normalised by its
 group's mean and std, says how much better it did than the policy's typical attempt. That
 advantage is applied to every step of the trajectory, in the same clipped surrogate as PPO on
-the joint ratio of the 7 action tokens. Only the LoRA adapters are trained; the agent's value
-head exists (the checkpoint format is shared with ppo_vla.py) but is ignored.
+the joint ratio of the 7 action tokens. Only the LoRA adapters are trained; there is no value
+head. An optional KL penalty (--kl-coef) anchors the policy to the one the run started from.
 
-    python grpo_vla.py --group-size 8                                 # tiny preset, CPU
-    python grpo_vla.py --model-path /weights/openvla-7b --init-checkpoint runs/sft_warmup
+    python grpo_vla.py --group-size 8                                  # paper defaults, tiny model
+    python grpo_vla.py twin --init-checkpoint runs/sft_warmup/checkpoint  # the README's twin run
+    python grpo_vla.py --model-path /weights/openvla-7b --init-checkpoint runs/sft_warmup/checkpoint
 
 Reads top to bottom like ppo_vla.py: set-up, then per iteration
 grouped rollout -> group-normalised advantages -> clipped update -> logging -> evaluation ->
@@ -19,33 +20,16 @@ checkpoint.
 
 from __future__ import annotations
 
-import random
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import torch
-import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm, trange
-
-from common import (
-    CheckpointError,
-    Rollout,
-    build_agent,
-    collect_rollout,
-    evaluate_policy,
-    load_checkpoint,
-    peak_memory_gb,
-    resolve_device,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
+from cli import (
+    check_model_args,
+    parse_cli,
+    require_finite_positive,
+    require_non_negative,
+    require_positive,
 )
-from envs import make_vec_env
 
 
 @dataclass
@@ -56,33 +40,39 @@ class Args:
     output_dir: str = "runs"
     """where run directories (TensorBoard logs, checkpoints) are written"""
     seed: int = 0
-    """seed of torch, numpy, python and the env's episode draws"""
+    """seed of torch, numpy, python and the episode draws"""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (iteration, optimizer, RNG)"""
     # --- model
-    preset: Literal["tiny", "openvla-7b"] = "tiny"
-    """model size: 'tiny' (random-init, offline, CPU-friendly) or 'openvla-7b' (needs --model-path)"""
     model_path: str | None = None
-    """local directory with the official OpenVLA-7B checkpoint; implies --preset openvla-7b"""
+    """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
+    VLA); default: a random tiny OpenVLA built in code"""
+    unnorm_key: str | None = None
+    """which dataset's action statistics in the model directory to use (needed if several)"""
     init_checkpoint: str | None = None
-    """start from this checkpoint's adapter (e.g. sft_warmup.py's output); its value head is unused"""
-    lora_rank: int = 32
-    """LoRA rank on every linear layer (paper: 32)"""
-    lora_alpha: int = 16
-    """LoRA alpha (paper: 16)"""
-    # --- environment
-    split: str = "ind"
-    """task split to train on ('ind' is the training distribution; 'toy' is the synthetic test task)"""
-    num_envs: int = 64
-    """parallel environments, NUM_ENVS / GROUP_SIZE groups per iteration (paper: 64)"""
-    group_size: int = 8
-    """G: environments per group, all started from the same episode id (the paper does not give G)"""
-    max_episode_steps: int = 80
-    """episode horizon, no early termination (paper: 80); each iteration runs one episode per env"""
+    """start from this checkpoint's adapter (e.g. sft_warmup.py's); a value head in it is unused"""
+    lora_rank: int | None = None
+    """LoRA rank on every linear layer (paper: 32); default 32, or the checkpoint's"""
+    lora_alpha: int | None = None
+    """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and the renderer; default: the preset's (tiny 112, openvla-7b 224)"""
+    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    # --- environment
+    env: Literal["maniskill", "twin"] = "maniskill"
+    """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
+    split: str = "ind"
+    """split to train on ('ind' is the training distribution)"""
+    num_envs: int = 64
+    """parallel environments per rank, NUM_ENVS / GROUP_SIZE groups (paper: 64)"""
+    group_size: int = 8
+    """G: environments per group, all started from the same episode id (not given in the paper)"""
+    max_episode_steps: int | None = None
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36).
+    Each iteration plays one whole episode per env"""
     # --- GRPO (paper defaults where it gives them)
     total_iterations: int = 400
     """GRPO iterations; ~2M env steps are ~400 x 64 envs x 80 steps, as for PPO"""
@@ -93,13 +83,13 @@ class Args:
     clip_coef: float = 0.2
     """surrogate clipping epsilon on the joint 7-token ratio (paper: 0.2)"""
     kl_coef: float = 0.0
-    """weight of a KL penalty to the base VLA, LoRA off: the initial policy unless --init-checkpoint (paper: 0)"""
+    """weight of a KL penalty to the policy the run started from (paper: 0)"""
     max_grad_norm: float = 10.0
     """global gradient-norm clip (paper: 10)"""
     epochs: int = 1
     """passes over each batch (paper: 1)"""
     minibatch_size: int = 8
-    """samples per forward/backward (paper: 8)"""
+    """samples per forward/backward, per rank (paper: 8)"""
     grad_accum_steps: int = 20
     """minibatches accumulated per optimizer step (paper: 20, so 160 samples per step)"""
     # --- evaluation, logging, checkpoints
@@ -113,17 +103,62 @@ class Args:
     """write the checkpoint every K iterations (and at the end)"""
 
 
+RECIPES = {
+    "twin": ("GRPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
+             Args(exp_name="grpo_twin", env="twin", num_envs=32, group_size=8, total_iterations=30,
+                  learning_rate=3e-4, kl_coef=0.1, minibatch_size=32, grad_accum_steps=4,
+                  eval_every=10, eval_episodes=128, save_every=5)),
+}
+
+
 def check_args(args: Args) -> None:
-    """Reject inconsistent group settings before anything slow is loaded."""
+    """Every value that would fail later (or silently do something else), rejected now."""
+    check_model_args(args)
+    require_positive(args, "num_envs", "max_episode_steps", "total_iterations", "epochs",
+                     "minibatch_size", "grad_accum_steps", "save_every", "eval_episodes")
+    require_non_negative(args, "eval_every", "eval_temperature", "kl_coef", "clip_coef")
+    require_finite_positive(args, "temperature", "learning_rate", "max_grad_norm")
     if args.group_size < 2:
         raise ValueError(f"--group-size must be at least 2 (a group of one has no spread), got {args.group_size}")
     if args.num_envs % args.group_size != 0:
         raise ValueError(f"--num-envs ({args.num_envs}) must be a multiple of --group-size ({args.group_size})")
 
 
+if __name__ == "__main__":
+    ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (
+    EpisodeLoop,
+    check_finite,
+    clipped_policy_loss,
+    evaluate_during_training,
+    global_mean,
+    init_distributed,
+    make_agent,
+    make_writer,
+    optimizer_step,
+    peak_memory_gb,
+    rank_slice,
+    resolve_device,
+    resolve_dtype,
+    restore_rng_state,
+    run_dir,
+    run_script,
+    save_run,
+    seed_everything,
+)
+from envs import MAX_EPISODE_ID, make_vec_env
+
+
 def grouped_episode_ids(rng: np.random.Generator, num_envs: int, group_size: int) -> np.ndarray:
     """Fresh episode ids, each repeated G times: envs [g*G, (g+1)*G) form group g.  [N] int64"""
-    return np.repeat(rng.integers(0, 2**31 - 1, num_envs // group_size), group_size)
+    return np.repeat(rng.integers(0, MAX_EPISODE_ID, num_envs // group_size), group_size)
 
 
 def group_relative_advantages(
@@ -150,21 +185,6 @@ def group_relative_advantages(
     return advantages.flatten(), stats
 
 
-def clipped_policy_loss(
-    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate on the joint ratio of the 7 action tokens (one ratio per step)."""
-    log_ratio = new_logprob - old_logprob
-    ratio = log_ratio.exp()
-    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
-        stats = {
-            "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
-        }
-    return surrogate.mean(), stats
-
-
 def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
     """Per-sample estimate of KL(policy || reference) from samples of the rollout policy.  [B]
 
@@ -176,60 +196,77 @@ def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> tor
     return log_r.exp() - log_r - 1
 
 
+def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+                where: str) -> dict[str, list[float]]:
+    """One GRPO update over a flat batch: the clipped surrogate with trajectory advantages,
+    plus kl_coef x KL to the reference; gradients averaged over minibatches and ranks."""
+    size = len(batch["logprobs"])
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac",
+                                                     "grad_norm", "kl_ref")}
+    accumulated = 0
+    for _epoch in range(args.epochs):
+        order = torch.randperm(size)
+        for start in range(0, size, args.minibatch_size):
+            mb = order[start:start + args.minibatch_size]
+            images, instructions, tokens = batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb]
+            new_logprob, entropy, _ = agent.score_actions(images, instructions, tokens, temperature=args.temperature)
+            device = new_logprob.device
+            pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
+                                                    batch["advantages"][mb].to(device), args.clip_coef)
+            loss = pg_loss
+            if args.kl_coef > 0:  # the same forward with the starting adapters swapped in
+                ref_logprob = agent.reference_logprob(images, instructions, tokens, temperature=args.temperature)
+                kl = kl_to_reference(new_logprob, ref_logprob.to(device)).mean()
+                loss = loss + args.kl_coef * kl
+                stats["kl_ref"].append(kl.item())
+            check_finite(where, policy_loss=loss)
+            # Scale so that accumulated gradients average over the minibatches of one step.
+            (loss / args.grad_accum_steps).backward()
+            accumulated += 1
+            if accumulated == args.grad_accum_steps or start + args.minibatch_size >= size:
+                stats["grad_norm"].append(optimizer_step(optimizer, agent.lora_parameters(),
+                                                         args.max_grad_norm, where))
+                accumulated = 0
+            for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
+                stats[k].append(v)
+    return stats
+
+
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    check_args(args)
-    if args.model_path is not None:
-        args.preset = "openvla-7b"
-    run_dir = Path(args.output_dir) / args.exp_name
-    checkpoint_dir = run_dir / "checkpoint"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-
-    if args.resume:
-        agent, state = load_checkpoint(checkpoint_dir, device=device)
-    elif args.init_checkpoint is not None:
-        agent, state = load_checkpoint(args.init_checkpoint, device=device)
-        state = {}
-    else:
-        agent = build_agent(args.preset, args.model_path, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                            image_size=args.image_size, device=device, seed=args.seed)
-        state = {}
-    # No critic: only the adapters are optimised, so the value head never changes.
-    lora_params = list(agent.lora_parameters())
-    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, eps=1e-5)
-    # Episode ids come from our own generator so that a resumed run draws the same episodes.
+    rank, world, local_rank = init_distributed()
+    device = resolve_device(args.device, local_rank)
+    seed_everything(args.seed + rank)  # each rank samples its own actions
+    agent, state = make_agent(args, device, "grpo", dtype=resolve_dtype(args.dtype, device))
+    optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate, eps=1e-5)
+    # Episode ids: one generator, the same on every rank; each rank plays its slice of whole groups.
     episode_rng = np.random.default_rng(args.seed)
     start_iteration = 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
         start_iteration = state["iteration"]
+    # The KL anchor is the policy this run started from (--init-checkpoint's, or the base).
+    agent.freeze_reference(state.get("reference_lora"))
 
-    envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed,
-                        max_episode_steps=args.max_episode_steps)
-    eval_envs = envs  # evaluation runs between iterations, so the training envs can do it
-    writer = SummaryWriter(str(run_dir))
-    if start_iteration == 0:
-        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-    # One whole episode per env per iteration: a group's trajectories must all be complete.
-    num_steps = args.max_episode_steps
-    batch_size = args.num_envs * num_steps
+    envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
+                        max_episode_steps=args.max_episode_steps, env=args.env)
+    loop = EpisodeLoop(envs, lambda: rank_slice(grouped_episode_ids(episode_rng, args.num_envs * world,
+                                                                    args.group_size)))
+    num_steps = envs.max_episode_steps  # one whole episode per env: a group's returns are complete
+    batch_size = args.num_envs * num_steps * world
+    writer = make_writer(run_dir(args), args, start_iteration * batch_size)  # None on ranks > 0
     global_step = start_iteration * batch_size
     metrics: dict[str, float] = {}
+    bar = tqdm(range(start_iteration, args.total_iterations), desc="GRPO", initial=start_iteration,
+               total=args.total_iterations, disable=rank > 0)
 
-    for iteration in trange(start_iteration, args.total_iterations, desc="GRPO", initial=start_iteration,
-                            total=args.total_iterations):
+    for iteration in bar:
         # ------------------------------------------------------------ grouped rollout
         agent.eval()
         t0 = time.perf_counter()
-        rollout: Rollout = collect_rollout(
-            agent, envs, num_steps, args.temperature,
-            episode_ids_fn=lambda: grouped_episode_ids(episode_rng, args.num_envs, args.group_size),
-        )
+        rollout = loop.run(agent.as_policy(args.temperature), num_steps)
         rollout_time = time.perf_counter() - t0
         global_step += batch_size
 
@@ -237,89 +274,51 @@ def main(args: Args) -> dict[str, float]:
         returns = rollout.rewards.sum(dim=0)  # [N]: undiscounted, the task's reward is sparse
         trajectory_advantages, group_stats = group_relative_advantages(returns, args.group_size)
         advantages = trajectory_advantages.expand(num_steps, args.num_envs)  # [T, N]: same for every step
-        # Flatten time and env into one batch axis: b = t * N + n.
-        b_images = rollout.images.flatten(0, 1)  # [B, H, W, 3] uint8
-        b_instructions = [s for step in rollout.instructions for s in step]
-        b_tokens = rollout.tokens.flatten(0, 1)  # [B, 7]
-        b_logprobs = rollout.logprobs.flatten()  # [B]
-        b_advantages = advantages.flatten()  # [B]
+        batch = {"images": rollout.flat("images"), "instructions": rollout.flat("instructions"),
+                 "tokens": rollout.flat("tokens"), "logprobs": rollout.flat("logprobs"),
+                 "advantages": advantages.flatten()}
 
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
-        if args.kl_coef > 0:
-            stats["kl_ref"] = []
-        minibatches_per_step = 0
-        for _epoch in range(args.epochs):
-            order = torch.randperm(batch_size)
-            for start in range(0, batch_size, args.minibatch_size):
-                mb = order[start:start + args.minibatch_size]
-                mb_images, mb_instructions, mb_tokens = b_images[mb], [b_instructions[i] for i in mb], b_tokens[mb]
-                new_logprob, entropy, _value = agent.evaluate(mb_images, mb_instructions, mb_tokens,
-                                                              temperature=args.temperature)
-                pg_loss, pg_stats = clipped_policy_loss(new_logprob, b_logprobs[mb].to(new_logprob.device),
-                                                        b_advantages[mb].to(new_logprob.device), args.clip_coef)
-                loss = pg_loss
-                if args.kl_coef > 0:  # the reference is the base VLA: the same forward, LoRA off
-                    ref_logprob = agent.reference_logprob(mb_images, mb_instructions, mb_tokens,
-                                                          temperature=args.temperature)
-                    kl = kl_to_reference(new_logprob, ref_logprob).mean()
-                    loss = loss + args.kl_coef * kl
-                    stats["kl_ref"].append(kl.item())
-                # Scale so that accumulated gradients average over the minibatches of one step.
-                (loss / args.grad_accum_steps).backward()
-                minibatches_per_step += 1
-                if minibatches_per_step == args.grad_accum_steps or start + args.minibatch_size >= batch_size:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    stats["grad_norm"].append(grad_norm.item())
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    minibatches_per_step = 0
-                for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
-                    stats[k].append(v)
+        stats = grpo_update(agent, optimizer, batch, args, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
-        # ------------------------------------------------------------ logging
+        # ------------------------------------------------------------ logging (global means)
         metrics = {
-            "rollout/success": float(np.mean(rollout.episode_success)),
-            "rollout/success_once": float(np.mean(rollout.episode_success_once)),
-            "rollout/episodic_return": returns.mean().item(),
-            **{f"grpo/{k}": v for k, v in group_stats.items()},
-            **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items()},
+            "rollout/success": global_mean(rollout.episode_success),
+            "rollout/success_once": global_mean(rollout.episode_success_once),
+            "rollout/episodic_return": global_mean(rollout.episode_returns),
+            **{f"grpo/{k}": global_mean([v]) for k, v in group_stats.items()},
+            **{f"losses/{k}": global_mean(np.array(v)) for k, v in stats.items() if v},
             "time/env_steps_per_s": batch_size / rollout_time,
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
             "memory/peak_gb": peak_memory_gb(device),
         }
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, global_step)
+        bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
+                        kl=f"{metrics['losses/approx_kl']:.3f}", sps=f"{metrics['time/env_steps_per_s']:.0f}",
+                        refresh=False)
 
         # ------------------------------------------------------------ evaluation and checkpoint
         last = iteration + 1 == args.total_iterations
         if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            agent.eval()
-            eval_metrics = evaluate_policy(agent, eval_envs, args.eval_episodes, args.eval_temperature,
-                                           seed=args.seed + 1)
-            for k, v in eval_metrics.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-                metrics[f"eval/{k}"] = v
-            tqdm.write(f"iteration {iteration + 1}: eval success {eval_metrics['success']:.3f}")
+            metrics.update(evaluate_during_training(agent, envs, args, loop))
+            if rank == 0:
+                tqdm.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, global_step)
         if (iteration + 1) % args.save_every == 0 or last:
-            save_checkpoint(checkpoint_dir, agent, state={
-                "optimizer": optimizer.state_dict(), "iteration": iteration + 1, "rng": rng_state(),
-                "episode_rng": episode_rng.bit_generator.state,
-                "args": asdict(args), "algorithm": "grpo",
-            })
+            save_run(args, agent, {"optimizer": optimizer.state_dict(), "iteration": iteration + 1,
+                                   "episode_rng": episode_rng.bit_generator.state,
+                                   "reference_lora": agent.reference_lora, "algorithm": "grpo"})
 
     envs.close()
-    writer.close()
-    print(f"checkpoint: {checkpoint_dir}\nTensorBoard: tensorboard --logdir {run_dir}")
+    if writer is not None:
+        writer.close()
     return metrics
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, ARGS, "grpo")

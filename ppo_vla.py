@@ -1,13 +1,16 @@
 """PPO fine-tuning of a Vision-Language-Action model with a shared actor-critic.
 
-The recipe of "What Can RL Bring to VLA Generalization?" (Liu et al., 2025; facts in
-../shared/PAPER.md): the VLA itself is the actor, its 7 action tokens form ONE action whose
-log-probability is the sum of the 7 token log-probs, and a small value head reads h0, the
-hidden state that predicts the first action token, so actor and critic share one backbone.
-LoRA adapters and the value head are the only trained weights.
+The recipe of "What Can RL Bring to VLA Generalization?" (Liu et al., NeurIPS 2025,
+arXiv 2505.19789, section 4 and its appendix; docs/PAPER_NOTES.md): the VLA itself is the
+actor, its 7 action tokens form ONE action whose log-probability is the sum of the 7 token
+log-probs, and a small value head reads h0, the hidden state that predicts the first action
+token, so actor and critic share one backbone. LoRA adapters and the value head are the only
+trained weights.
 
-    python ppo_vla.py --epochs 1 --temperature 1.0                    # tiny preset, CPU
-    python ppo_vla.py --model-path /weights/openvla-7b --init-checkpoint runs/sft_warmup
+    python ppo_vla.py --epochs 1 --temperature 1.0                      # paper defaults, tiny model
+    python ppo_vla.py twin --init-checkpoint runs/sft_warmup/checkpoint  # the README's 2D-twin run
+    python ppo_vla.py --model-path /weights/openvla-7b --init-checkpoint runs/sft_warmup/checkpoint
+    torchrun --nproc_per_node 4 ppo_vla.py ...                          # 4 GPUs (or CPU ranks)
 
 Reads top to bottom like CleanRL's ppo_continuous_action.py: set-up, then per iteration
 rollout -> GAE -> clipped update -> logging -> evaluation -> checkpoint.
@@ -15,34 +18,16 @@ rollout -> GAE -> clipped update -> logging -> evaluation -> checkpoint.
 
 from __future__ import annotations
 
-import random
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm, trange
-
-from common import (
-    CheckpointError,
-    Rollout,
-    build_agent,
-    collect_rollout,
-    evaluate_policy,
-    load_checkpoint,
-    peak_memory_gb,
-    resolve_device,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
+from cli import (
+    check_model_args,
+    parse_cli,
+    require_finite_positive,
+    require_non_negative,
+    require_positive,
 )
-from envs import make_vec_env
 
 
 @dataclass
@@ -53,35 +38,41 @@ class Args:
     output_dir: str = "runs"
     """where run directories (TensorBoard logs, checkpoints) are written"""
     seed: int = 0
-    """seed of torch, numpy, python and the env's episode draws"""
+    """seed of torch, numpy, python and the episode draws"""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (iteration, optimizer, RNG)"""
     # --- model
-    preset: Literal["tiny", "openvla-7b"] = "tiny"
-    """model size: 'tiny' (random-init, offline, CPU-friendly) or 'openvla-7b' (needs --model-path)"""
     model_path: str | None = None
-    """local directory with the official OpenVLA-7B checkpoint; implies --preset openvla-7b"""
+    """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
+    VLA); default: a random tiny OpenVLA built in code"""
+    unnorm_key: str | None = None
+    """which dataset's action statistics in the model directory to use (needed if several)"""
     init_checkpoint: str | None = None
-    """start from this checkpoint's adapter and value head (e.g. sft_warmup.py's output)"""
-    critic: Literal["h0", "last", "concat", "separate"] = "h0"
-    """value-head input: h0 (paper's choice), last action position, all 7 positions, or a separate backbone"""
-    lora_rank: int = 32
-    """LoRA rank on every linear layer (paper: 32)"""
-    lora_alpha: int = 16
-    """LoRA alpha (paper: 16)"""
-    # --- environment
-    split: str = "ind"
-    """task split to train on ('ind' is the training distribution; 'toy' is the synthetic test task)"""
-    num_envs: int = 64
-    """parallel environments (paper: 64)"""
-    num_steps: int = 80
-    """steps per env per iteration (paper: 80, one full episode)"""
-    max_episode_steps: int = 80
-    """episode horizon, no early termination (paper: 80)"""
+    """start from this checkpoint's adapter (e.g. sft_warmup.py's) and value head, if any"""
+    critic: Literal["h0", "last", "concat", "separate"] | None = None
+    """value-head input: h0 (paper), last action position, all 7, or a separate backbone;
+    default h0, or --init-checkpoint's / the run's own"""
+    lora_rank: int | None = None
+    """LoRA rank on every linear layer (paper: 32); default 32, or the checkpoint's"""
+    lora_alpha: int | None = None
+    """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and the renderer; default: the preset's (tiny 112, openvla-7b 224)"""
+    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    # --- environment
+    env: Literal["maniskill", "twin"] = "maniskill"
+    """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
+    split: str = "ind"
+    """split to train on ('ind' is the training distribution)"""
+    num_envs: int = 64
+    """parallel environments per rank (paper: 64)"""
+    num_steps: int = 80
+    """steps per env per iteration (paper: 80); episodes continue across iterations"""
+    max_episode_steps: int | None = None
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36)"""
     # --- PPO (paper defaults)
     total_iterations: int = 400
     """PPO iterations; the paper's ~2M env steps are ~400 x 64 envs x 80 steps"""
@@ -96,7 +87,7 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda"""
     norm_adv: bool = True
-    """normalise advantages over the whole batch"""
+    """normalise advantages over the whole (global) batch"""
     clip_coef: float = 0.2
     """surrogate clipping epsilon on the joint 7-token ratio"""
     vf_clip_coef: float = 0.2
@@ -112,12 +103,11 @@ class Args:
     epochs: int = 1
     """passes over each batch (paper: 1; more gave no gain, only wall-clock)"""
     minibatch_size: int = 8
-    """samples per forward/backward (paper: 8)"""
+    """samples per forward/backward, per rank (paper: 8)"""
     grad_accum_steps: int = 20
     """minibatches accumulated per optimizer step (paper: 20, so 160 samples per step)"""
     target_kl: float | None = None
-    """stop this iteration's update at the first minibatch whose approximate KL to the rollout
-    policy exceeds this (off by default, as in the paper)"""
+    """stop an iteration's update once a minibatch's approx KL exceeds this (off, as the paper)"""
     # --- evaluation, logging, checkpoints
     eval_every: int = 10
     """evaluate every K iterations (and at the end); 0 disables"""
@@ -129,6 +119,65 @@ class Args:
     """write the checkpoint every K iterations (and at the end)"""
 
 
+RECIPES = {
+    "twin": ("PPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
+             Args(exp_name="ppo_twin", env="twin", num_envs=32, num_steps=36, total_iterations=30,
+                  learning_rate=3e-4, minibatch_size=32, grad_accum_steps=4, eval_every=10,
+                  eval_episodes=128, save_every=5)),
+}
+
+
+def check_args(args: Args) -> None:
+    """Every value that would fail later (or silently do something else), rejected now."""
+    check_model_args(args)
+    require_positive(args, "num_envs", "num_steps", "max_episode_steps", "total_iterations",
+                     "epochs", "minibatch_size", "grad_accum_steps", "save_every", "eval_episodes")
+    require_non_negative(args, "eval_every", "eval_temperature", "ent_coef", "vf_coef", "clip_coef",
+                         "vf_clip_coef")
+    # Temperature 0 would be greedy: its log-probs are not those of the actions' distribution.
+    require_finite_positive(args, "temperature", "learning_rate", "value_learning_rate",
+                            "max_grad_norm", "huber_delta", "target_kl")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+if __name__ == "__main__":
+    ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (
+    ActorCritic,
+    EpisodeLoop,
+    Rollout,
+    check_finite,
+    clipped_policy_loss,
+    evaluate_during_training,
+    global_mean,
+    global_mean_std,
+    init_distributed,
+    make_agent,
+    make_writer,
+    optimizer_step,
+    peak_memory_gb,
+    rank_slice,
+    resolve_device,
+    resolve_dtype,
+    restore_rng_state,
+    run_dir,
+    run_script,
+    save_run,
+    seed_everything,
+)
+from envs import MAX_EPISODE_ID, make_vec_env
+
+
 def compute_gae(
     rewards: torch.Tensor,  # [T, N]
     values: torch.Tensor,  # [T, N]
@@ -137,31 +186,26 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation; returns (advantages, returns), both [T, N]."""
+    """Generalised advantage estimation; returns (advantages, returns), both [T, N].
+
+    A rollout cut mid-episode bootstraps from next_value; an ended episode does not (the
+    horizon is part of the task: success is judged at its last step)."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        not_done = 1.0 - dones[t].float()  # an ended episode does not bootstrap from the next one
+        not_done = 1.0 - dones[t].float()
         delta = rewards[t] + gamma * next_values * not_done - values[t]
         last_gae = delta + gamma * gae_lambda * not_done * last_gae
         advantages[t] = last_gae
     return advantages, advantages + values
 
 
-def clipped_policy_loss(
-    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate on the joint ratio of the 7 action tokens (one ratio per step)."""
-    log_ratio = new_logprob - old_logprob
-    ratio = log_ratio.exp()
-    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
-        stats = {
-            "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
-        }
-    return surrogate.mean(), stats
+def bootstrap_value(agent: ActorCritic, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """V(observation after the last step) [N]; 0 when the last step ended the episodes."""
+    if rollout.last_obs is None:
+        return torch.zeros(rollout.rewards.shape[1])
+    return agent.act(rollout.last_obs["image"], rollout.last_obs["instruction"], temperature).value
 
 
 def clipped_value_loss(
@@ -180,158 +224,147 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
 
 
-def mean_or_nan(x: np.ndarray) -> float:
-    return float(np.mean(x)) if len(x) else float("nan")
+def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+               train_policy: bool, where: str) -> dict[str, list[float]]:
+    """One PPO update over a flat batch (b = t * N + n): `epochs` passes of shuffled minibatches,
+    gradients accumulated over grad_accum_steps minibatches per optimizer step and averaged
+    across ranks. train_policy False: the value loss only (a batch without reward signal)."""
+    size = len(batch["logprobs"])
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
+                                                     "clipfrac", "grad_norm")}
+    accumulated = 0
+    for _epoch in range(args.epochs):
+        order = torch.randperm(size)
+        for start in range(0, size, args.minibatch_size):
+            mb = order[start:start + args.minibatch_size]
+            new_logprob, entropy, new_value = agent.score_actions(
+                batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb],
+                temperature=args.temperature)
+            device = new_logprob.device
+            pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
+                                                    batch["advantages"][mb].to(device), args.clip_coef)
+            v_loss = clipped_value_loss(new_value, batch["values"][mb].to(device),
+                                        batch["returns"][mb].to(device), args.vf_clip_coef, args.huber_delta)
+            if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
+                optimizer.zero_grad(set_to_none=True)  # moved too far from the rollout policy
+                return stats
+            loss = args.vf_coef * v_loss
+            if train_policy:
+                loss = loss + pg_loss - args.ent_coef * entropy.mean()
+            check_finite(where, policy_loss=pg_loss, value_loss=v_loss)
+            # Scale so that accumulated gradients average over the minibatches of one step.
+            (loss / args.grad_accum_steps).backward()
+            accumulated += 1
+            if accumulated == args.grad_accum_steps or start + args.minibatch_size >= size:
+                stats["grad_norm"].append(optimizer_step(optimizer, agent.trainable_parameters(),
+                                                         args.max_grad_norm, where))
+                accumulated = 0
+            for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
+                         ("entropy", entropy.mean().item()), *pg_stats.items()):
+                stats[k].append(v)
+    return stats
 
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    if args.model_path is not None:
-        args.preset = "openvla-7b"
-    run_dir = Path(args.output_dir) / args.exp_name
-    checkpoint_dir = run_dir / "checkpoint"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-
-    if args.resume:
-        agent, state = load_checkpoint(checkpoint_dir, device=device)
-    elif args.init_checkpoint is not None:
-        agent, state = load_checkpoint(args.init_checkpoint, device=device)
-        state = {}
-    else:
-        agent = build_agent(args.preset, args.model_path, critic=args.critic, lora_rank=args.lora_rank,
-                            lora_alpha=args.lora_alpha, image_size=args.image_size, device=device, seed=args.seed)
-        state = {}
+    rank, world, local_rank = init_distributed()
+    device = resolve_device(args.device, local_rank)
+    seed_everything(args.seed + rank)  # each rank samples its own actions
+    agent, state = make_agent(args, device, "ppo", needs_critic=True, dtype=resolve_dtype(args.dtype, device))
     # Two learning rates: the paper's value head learns 30x faster than the adapters.
     optimizer = torch.optim.AdamW(
         [{"params": agent.lora_parameters(), "lr": args.learning_rate},
          {"params": agent.value_head_parameters(), "lr": args.value_learning_rate}],
         eps=1e-5,
     )
-    # Episode ids come from our own generator so that a resumed run draws the same episodes.
+    # Episode ids: one generator, the same on every rank; each rank plays its slice of the draw.
     episode_rng = np.random.default_rng(args.seed)
-    start_iteration = 0
+    start_iteration, skipped = 0, 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
-        start_iteration = state["iteration"]
+        start_iteration, skipped = state["iteration"], state["skipped_policy_steps"]
 
-    envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed,
-                        max_episode_steps=args.max_episode_steps)
-    eval_envs = envs  # evaluation runs between iterations, so the training envs can do it
-    writer = SummaryWriter(str(run_dir))
-    if start_iteration == 0:
-        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-    batch_size = args.num_envs * args.num_steps
+    envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
+                        max_episode_steps=args.max_episode_steps, env=args.env)
+    loop = EpisodeLoop(envs, lambda: rank_slice(episode_rng.integers(0, MAX_EPISODE_ID, args.num_envs * world)))
+    batch_size = args.num_envs * args.num_steps * world
+    writer = make_writer(run_dir(args), args, start_iteration * batch_size)  # None on ranks > 0
     global_step = start_iteration * batch_size
     metrics: dict[str, float] = {}
+    bar = tqdm(range(start_iteration, args.total_iterations), desc="PPO", initial=start_iteration,
+               total=args.total_iterations, disable=rank > 0)
 
-    for iteration in trange(start_iteration, args.total_iterations, desc="PPO", initial=start_iteration,
-                            total=args.total_iterations):
+    for iteration in bar:
         # ------------------------------------------------------------ rollout
         agent.eval()
         t0 = time.perf_counter()
-        rollout: Rollout = collect_rollout(agent, envs, args.num_steps, args.temperature,
-                                            episode_ids_fn=lambda: episode_rng.integers(0, 2**31 - 1, args.num_envs))
+        rollout = loop.run(agent.as_policy(args.temperature), args.num_steps)
+        next_value = bootstrap_value(agent, rollout, args.temperature)
         rollout_time = time.perf_counter() - t0
         global_step += batch_size
 
         # ------------------------------------------------------------ advantages
         advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.dones,
-                                          rollout.next_value, args.gamma, args.gae_lambda)
-        # Flatten time and env into one batch axis: b = t * N + n.
-        b_images = rollout.images.flatten(0, 1)  # [B, H, W, 3] uint8
-        b_instructions = [s for step in rollout.instructions for s in step]
-        b_tokens = rollout.tokens.flatten(0, 1)  # [B, 7]
-        b_logprobs = rollout.logprobs.flatten()
-        b_values = rollout.values.flatten()
-        b_advantages = advantages.flatten()
-        b_returns = returns.flatten()
-        if args.norm_adv:
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+                                          next_value, args.gamma, args.gae_lambda)
+        batch = {"images": rollout.flat("images"), "instructions": rollout.flat("instructions"),
+                 "tokens": rollout.flat("tokens"), "logprobs": rollout.flat("logprobs"),
+                 "values": rollout.flat("values"), "returns": returns.flatten(),
+                 "advantages": advantages.flatten()}
+        if args.norm_adv:  # over the global batch: every rank scales by the same statistics
+            mean, std = global_mean_std(batch["advantages"])
+            batch["advantages"] = (batch["advantages"] - mean) / (std + 1e-8)
+        # Every reward equal (e.g. all 0 before the first grasp): normalised advantages would be
+        # pure value-function noise, so only the critic learns from this batch.
+        _, reward_std = global_mean_std(rollout.rewards.flatten())
+        train_policy = reward_std > 0
+        skipped += not train_policy
 
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
-        minibatches_per_step, stop_early = 0, False
-        for _epoch in range(args.epochs):
-            order = torch.randperm(batch_size)
-            for start in range(0, batch_size, args.minibatch_size):
-                mb = order[start:start + args.minibatch_size]
-                new_logprob, entropy, new_value = agent.evaluate(
-                    b_images[mb], [b_instructions[i] for i in mb], b_tokens[mb], temperature=args.temperature
-                )
-                mb_adv = b_advantages[mb].to(new_logprob.device)
-                pg_loss, pg_stats = clipped_policy_loss(new_logprob, b_logprobs[mb].to(new_logprob.device),
-                                                        mb_adv, args.clip_coef)
-                v_loss = clipped_value_loss(new_value, b_values[mb].to(new_value.device),
-                                            b_returns[mb].to(new_value.device), args.vf_clip_coef, args.huber_delta)
-                if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
-                    # The policy already moved too far from the one that collected the data.
-                    optimizer.zero_grad(set_to_none=True)
-                    stop_early = True
-                    break
-                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
-                # Scale so that accumulated gradients average over the minibatches of one step.
-                (loss / args.grad_accum_steps).backward()
-                minibatches_per_step += 1
-                if minibatches_per_step == args.grad_accum_steps or start + args.minibatch_size >= batch_size:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(agent.trainable_parameters(), args.max_grad_norm)
-                    stats["grad_norm"].append(grad_norm.item())
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    minibatches_per_step = 0
-                for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
-                             ("entropy", entropy.mean().item()), *pg_stats.items()):
-                    stats[k].append(v)
-            if stop_early:
-                break
+        stats = ppo_update(agent, optimizer, batch, args, train_policy, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
-        # ------------------------------------------------------------ logging
+        # ------------------------------------------------------------ logging (global means)
         metrics = {
-            # nan when no episode ended in this rollout (num_steps < max_episode_steps)
-            "rollout/success": mean_or_nan(rollout.episode_success),
-            "rollout/success_once": mean_or_nan(rollout.episode_success_once),
-            "rollout/episodic_return": mean_or_nan(rollout.episode_returns),
-            **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items()},
-            "losses/explained_variance": explained_variance(b_values, b_returns),
+            # nan when no episode ended in this rollout (num_steps < horizon)
+            "rollout/success": global_mean(rollout.episode_success),
+            "rollout/success_once": global_mean(rollout.episode_success_once),
+            "rollout/episodic_return": global_mean(rollout.episode_returns),
+            "rollout/reward_per_step": global_mean(rollout.rewards.numpy()),
+            **{f"losses/{k}": global_mean(np.array(v)) for k, v in stats.items()},
+            "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
+            "losses/skipped_policy_steps": float(skipped),
             "time/env_steps_per_s": batch_size / rollout_time,
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
             "memory/peak_gb": peak_memory_gb(device),
         }
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, global_step)
+        bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
+                        kl=f"{metrics['losses/approx_kl']:.3f}", sps=f"{metrics['time/env_steps_per_s']:.0f}",
+                        refresh=False)
 
         # ------------------------------------------------------------ evaluation and checkpoint
         last = iteration + 1 == args.total_iterations
         if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            agent.eval()
-            eval_metrics = evaluate_policy(agent, eval_envs, args.eval_episodes, args.eval_temperature, seed=args.seed + 1)
-            for k, v in eval_metrics.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-                metrics[f"eval/{k}"] = v
-            tqdm.write(f"iteration {iteration + 1}: eval success {eval_metrics['success']:.3f}")
+            metrics.update(evaluate_during_training(agent, envs, args, loop))
+            if rank == 0:
+                tqdm.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, global_step)
         if (iteration + 1) % args.save_every == 0 or last:
-            save_checkpoint(checkpoint_dir, agent, state={
-                "optimizer": optimizer.state_dict(), "iteration": iteration + 1, "rng": rng_state(),
-                "episode_rng": episode_rng.bit_generator.state,
-                "args": asdict(args), "algorithm": "ppo",
-            })
+            save_run(args, agent, {"optimizer": optimizer.state_dict(), "iteration": iteration + 1,
+                                   "episode_rng": episode_rng.bit_generator.state,
+                                   "skipped_policy_steps": skipped, "algorithm": "ppo"})
 
     envs.close()
-    writer.close()
-    print(f"checkpoint: {checkpoint_dir}\nTensorBoard: tensorboard --logdir {run_dir}")
+    if writer is not None:
+        writer.close()
     return metrics
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, ARGS, "ppo")

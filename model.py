@@ -1,0 +1,703 @@
+"""OpenVLA: the model, its tokenizers and action tokens, the tiny preset, the official layout.
+
+nanoGPT-style, the model lives here, apart from training (common.py holds the RL agent built on
+it). Read top to bottom; the sections follow the data:
+
+  1. config and presets   `tiny` (random weights, built in code) | `openvla-7b` (weights on disk)
+  2. action tokenizer     256 bins on [-1, 1] <-> the LAST 256 ids of the text vocabulary
+  3. model                DINOv2 + SigLIP patches -> projector -> Llama, patches right after BOS
+  4. loading              the official checkpoint layout (and writing it, for tests and exports)
+
+Facts and numbers: arXiv 2406.09246 (OpenVLA) and 2505.19789 (the study), summarised in
+docs/PAPER_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from timm.layers import LayerScale
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+# =============================================================================================
+# 1. Config and presets
+# =============================================================================================
+
+ACTION_DIM = 7  # dx, dy, dz, droll, dpitch, dyaw, gripper
+GRIPPER_DIM = 6
+NUM_ACTION_BINS = 256
+PROMPT_TEMPLATE = "In: What action should the robot take to {}?\nOut:"
+EMPTY_PIECE = "\u2581"  # SentencePiece's bare word boundary "▁" (Llama id 29871): ends prompts
+
+DINOV2_TIMM_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
+SIGLIP_TIMM_ID = "vit_so400m_patch14_siglip_224"
+# The 6 input channels: the same image normalised once for each tower.
+DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+PRESETS = ("tiny", "openvla-7b")
+CRITIC_MODES = ("h0", "last", "concat", "separate")
+OPENVLA_IMAGE_SIZE = 224  # both towers of OpenVLA-7B take 224 px images
+TINY_IMAGE_SIZE = 112  # 112 px / patch 14 = 8 x 8 = 64 patches per tower
+TINY_BASE_SEED = 20250519  # fixed: every tiny base is identical, so any saved LoRA fits any run
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model directory is missing, corrupt or does not match. One-line message."""
+
+
+def parse_file(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """reader(path), with any parsing failure turned into a one-line CheckpointError."""
+    try:
+        return reader(path)
+    except Exception as err:  # safetensors, pickle and json all raise their own types
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is corrupt: {message}") from None
+
+
+@dataclass
+class VLAConfig:
+    """The model's shape. Field names follow the official OpenVLA config.json."""
+
+    timm_model_ids: list[str]  # [DINOv2 tower, SigLIP tower]
+    image_sizes: list[int]  # input resolution of each tower (equal)
+    text_config: dict[str, Any]  # LlamaConfig fields; vocab_size is the padded embedding size
+    pad_token_id: int  # = size of the text vocabulary (32000): the pad token is appended to it
+    timm_override_act_layers: list[str | None] = field(default_factory=lambda: [None, None])
+    # Not in the official config: timm keyword overrides that shrink the towers (tiny preset).
+    timm_model_kwargs: list[dict[str, Any]] = field(default_factory=lambda: [{}, {}])
+    pad_to_multiple_of: int = 64
+    n_action_bins: int = NUM_ACTION_BINS
+    use_fused_vision_backbone: bool = True
+
+    @property
+    def image_size(self) -> int:
+        return self.image_sizes[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config["hidden_size"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def padded_vocab_size(text_vocab_size: int, multiple: int = 64) -> int:
+    """Embedding rows: the text vocabulary + 1 pad token, rounded up (32000 + 1 -> 32064)."""
+    return math.ceil((text_vocab_size + 1) / multiple) * multiple
+
+
+def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
+    """The same modules as OpenVLA-7B at toy width and depth: 1.87M weights (7B: 7.54B)."""
+    return VLAConfig(
+        timm_model_ids=[DINOV2_TIMM_ID, SIGLIP_TIMM_ID],
+        timm_model_kwargs=[
+            dict(embed_dim=64, depth=3, num_heads=2),  # DINOv2-L: 1024 wide, 24 deep
+            dict(embed_dim=96, depth=3, num_heads=2),  # SigLIP-So400m: 1152 wide, 27 deep
+        ],
+        image_sizes=[image_size, image_size],
+        text_config=dict(
+            vocab_size=padded_vocab_size(text_vocab_size),
+            hidden_size=128,  # Llama-2-7B: 4096, 11008, 32 layers, 32 heads
+            intermediate_size=344,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=text_vocab_size,
+            tie_word_embeddings=False,
+            # Llama's default 0.02 leaves a random tiny model's attention uniform and its
+            # residual stream blind to the instruction, so LoRA took hundreds of steps to learn
+            # even a one-word condition; at 0.1 it takes ~40 (measured, README "toy task").
+            initializer_range=0.1,
+        ),
+        pad_token_id=text_vocab_size,
+    )
+
+
+# Words that get a single "▁word" piece in the tiny tokenizer; anything else is spelled out in
+# characters (or UTF-8 bytes), so every instruction can be tokenized.
+TINY_WORDS = """
+In What action should the robot take to
+put place pick move push lift stack grasp grab set drop bring open close turn reach go
+on onto in into top of at near next beside left right front behind up down and a an it from
+with the this that its is
+plate bowl cup mug carrot eggplant spoon fork knife banana apple orange lemon peach pear
+strawberry tomato potato corn bread cube block can bottle sponge towel basket box tray pot pan
+sink table drawer shelf cloth coke pepsi sprite ball toy object target square receptacle
+red green blue yellow white black purple pink brown gray grey
+""".split()
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-like SentencePiece (unigram) tokenizer built in code: no download, always the same.
+
+    Ids: <unk> <s> </s> (0-2, as in Llama), 256 byte-fallback pieces, "▁", printable characters,
+    "▁word" pieces, then 256 pieces that text never produces (they hold the action bins, like
+    Llama's last 256 ids), then <pad> (= the text vocabulary size, like OpenVLA's 32000).
+    """
+    never = -1e4  # a score no character path loses to: text never yields these pieces
+    pieces = [("<unk>", never), ("<s>", never), ("</s>", never)]
+    pieces += [(f"<0x{b:02X}>", never) for b in range(256)]
+    pieces += [(EMPTY_PIECE, -3.0)]
+    pieces += [(c, -5.0) for c in string.printable if not c.isspace()]
+    pieces += [(EMPTY_PIECE + w, -1.0) for w in dict.fromkeys(TINY_WORDS)] + [("Out", -1.0)]
+    pieces += [(f"<action_{i:03d}>", never) for i in range(NUM_ACTION_BINS)]
+
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    # Like Llama: spaces become "▁" and the text starts with one.
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(EMPTY_PIECE), normalizers.Replace(" ", EMPTY_PIECE)]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(EMPTY_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # id = len(pieces), past the text vocab
+    return tokenizer
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (as the paper trains), fp32 on CPU (where bf16 is slow and imprecise)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# =============================================================================================
+# 2. Action tokenizer and normalisation statistics
+# =============================================================================================
+
+
+class ActionTokenizer:
+    """Normalised actions in [-1, 1] <-> the last 256 ids of the text vocabulary.
+
+    encode: 256 uniform bin edges, np.digitize -> bin in 1..256, token = vocab_size - bin.
+    decode: bin = vocab_size - token, clip(bin - 1, 0, 254) -> one of the 255 bin centres.
+    """
+
+    def __init__(self, vocab_size: int, n_bins: int = NUM_ACTION_BINS) -> None:
+        self.vocab_size = vocab_size  # text vocabulary without the pad token (32000)
+        self.n_bins = n_bins
+        self.bins = np.linspace(-1.0, 1.0, n_bins)  # [256] edges
+        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2  # [255]
+        self.first_id = vocab_size - n_bins  # action ids are first_id .. vocab_size - 1
+
+    def encode(self, actions: np.ndarray) -> np.ndarray:
+        """[..., 7] float in [-1, 1] (clipped) -> [..., 7] int64 token ids."""
+        x = np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0)
+        return (self.vocab_size - np.digitize(x, self.bins)).astype(np.int64)
+
+    def decode(self, token_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+        """[..., 7] token ids -> [..., 7] float32 normalised actions (bin centres)."""
+        bins = self.vocab_size - np.asarray(token_ids, dtype=np.int64)
+        return self.bin_centers[np.clip(bins - 1, 0, len(self.bin_centers) - 1)].astype(np.float32)
+
+
+@dataclass
+class NormStats:
+    """Per-dimension 1st/99th percentiles of the training actions: a = 0.5 (x + 1)(q99 - q01) + q01.
+
+    `mask` is False where a dimension is left raw (the gripper). The gripper is then binarised:
+    > 0.5 -> +1 (open), else -1 (close), the env's convention.
+    """
+
+    q01: np.ndarray  # [7]
+    q99: np.ndarray  # [7]
+    mask: np.ndarray = field(default_factory=lambda: np.arange(ACTION_DIM) != GRIPPER_DIM)
+
+    def __post_init__(self) -> None:
+        self.q01 = np.asarray(self.q01, dtype=np.float64)
+        self.q99 = np.asarray(self.q99, dtype=np.float64)
+        self.mask = np.asarray(self.mask, dtype=bool)
+
+    @classmethod
+    def identity(cls) -> NormStats:
+        """No statistics: q01 = -1, q99 = 1, so actions pass through unchanged."""
+        return cls(q01=-np.ones(ACTION_DIM), q99=np.ones(ACTION_DIM))
+
+    def unnormalize(self, x: np.ndarray) -> np.ndarray:
+        """[..., 7] normalised -> [..., 7] float32 env actions, gripper binarised."""
+        x = np.asarray(x, dtype=np.float64)
+        a = np.where(self.mask, 0.5 * (x + 1.0) * (self.q99 - self.q01) + self.q01, x)
+        a[..., GRIPPER_DIM] = np.where(a[..., GRIPPER_DIM] > 0.5, 1.0, -1.0)
+        return a.astype(np.float32)
+
+    def normalize(self, a: np.ndarray) -> np.ndarray:
+        """[..., 7] env actions -> [..., 7] float32 in [-1, 1] (gripper left raw): SFT targets."""
+        a = np.asarray(a, dtype=np.float64)
+        scale = np.maximum(self.q99 - self.q01, 1e-8)
+        x = np.where(self.mask, 2.0 * (a - self.q01) / scale - 1.0, a)
+        return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"q01": self.q01.tolist(), "q99": self.q99.tolist(), "mask": self.mask.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NormStats:
+        mask = d.get("mask")
+        if mask is None:
+            return cls(q01=d["q01"], q99=d["q99"])
+        return cls(q01=d["q01"], q99=d["q99"], mask=mask)
+
+
+# =============================================================================================
+# 3. Model: fused ViTs -> projector -> Llama
+# =============================================================================================
+
+
+class LayerScaleFactor(nn.Module):
+    """timm's LayerScale with its weight named `scale_factor`, the official checkpoint's name.
+
+    (Prismatic renamed `gamma` because old Hugging Face loaders rewrote keys containing "gamma".)
+    """
+
+    def __init__(self, gamma: torch.Tensor) -> None:
+        super().__init__()
+        self.scale_factor = nn.Parameter(gamma.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale_factor
+
+
+def create_vit(config: VLAConfig, tower: int) -> nn.Module:
+    """Tower 0 (DINOv2) or 1 (SigLIP): a timm ViT with no classifier head, never pretrained
+    (the weights come from our own files), with LayerScale renamed as in the checkpoint."""
+    overrides = dict(config.timm_model_kwargs[tower])
+    if config.timm_override_act_layers[tower]:
+        overrides["act_layer"] = config.timm_override_act_layers[tower]
+    vit = timm.create_model(config.timm_model_ids[tower], pretrained=False, num_classes=0,
+                            img_size=config.image_sizes[tower], **overrides)
+    for block in vit.blocks:
+        if isinstance(block.ls1, LayerScale):
+            block.ls1 = LayerScaleFactor(block.ls1.gamma)
+            block.ls2 = LayerScaleFactor(block.ls2.gamma)
+    return vit
+
+
+def patch_features(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] -> [B, P, D]: patch tokens of the SECOND-TO-LAST block, prefix tokens dropped.
+
+    (OpenVLA reads that block, as Prismatic found it beats the last one; the last block and the
+    pooling head are never run, but stay in the model so the official weights load strictly.)
+    """
+    (features,) = vit.forward_intermediates(
+        pixels, indices=[len(vit.blocks) - 2], stop_early=True, output_fmt="NLC",
+        intermediates_only=True,
+    )
+    return features
+
+
+class FusedVisionBackbone(nn.Module):
+    """DINOv2 (`featurizer`) and SigLIP (`fused_featurizer`) side by side, joined per patch."""
+
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        self.featurizer, self.fused_featurizer = create_vit(config, 0), create_vit(config, 1)
+        self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim  # 2176
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        dino_pixels, siglip_pixels = pixels.split([3, 3], dim=1)  # [B, 6, S, S] -> 2 x [B, 3, S, S]
+        return torch.cat(
+            [patch_features(self.featurizer, dino_pixels),
+             patch_features(self.fused_featurizer, siglip_pixels)],
+            dim=-1,
+        )  # [B, P, 1024 + 1152]
+
+
+class Projector(nn.Module):
+    """Patch features -> LLM embeddings: 2176 -> 8704 -> 4096 -> 4096 with GELUs."""
+
+    def __init__(self, vision_dim: int, llm_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.act_fn1 = nn.GELU()
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.act_fn2 = nn.GELU()
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(x)))))
+
+
+IMAGE_PLACEHOLDER = -1  # marks the patch positions in input_ids; replaced by projected patches
+
+
+class OpenVLA(nn.Module):
+    """The VLA. Module names match the official checkpoint's weight names."""
+
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_backbone = FusedVisionBackbone(config)
+        text_config = LlamaConfig(**config.text_config)
+        self.projector = Projector(self.vision_backbone.embed_dim, text_config.hidden_size)
+        self.language_model = LlamaForCausalLM(text_config)
+
+    @property
+    def num_patches(self) -> int:
+        return self.vision_backbone.featurizer.patch_embed.num_patches  # (S / 14)^2
+
+    def embed_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] with IMAGE_PLACEHOLDER at patch positions -> embeddings [B, L, D]."""
+        patches = self.projector(self.vision_backbone(pixel_values))  # [B, P, D]
+        is_patch = input_ids == IMAGE_PLACEHOLDER  # exactly P per row, in order
+        embeds = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        return embeds.masked_scatter(is_patch.unsqueeze(-1), patches.to(embeds.dtype))
+
+
+def preprocess_images(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> [B, 6, S, S]: resized, normalised for DINOv2 and for SigLIP."""
+    x = torch.as_tensor(np.asarray(images)).to(device)  # move uint8: 4x less to copy
+    x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W] in [0, 1]
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+
+    def normalise(mean: tuple, std: tuple) -> torch.Tensor:
+        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+    return torch.cat([normalise(DINOV2_MEAN, DINOV2_STD), normalise(SIGLIP_MEAN, SIGLIP_STD)],
+                     dim=1).to(dtype)
+
+
+def build_prompt(instruction: str) -> str:
+    return PROMPT_TEMPLATE.format(instruction.lower())
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerFast,
+                     instructions: list[str]) -> list[list[int]]:
+    """Prompt ids per instruction: BOS, the prompt, and "▁" at the end if the text did not end so.
+
+    (OpenVLA was trained with the "▁" last, so the first action token always follows it.)
+    """
+    empty_id = tokenizer.convert_tokens_to_ids(EMPTY_PIECE)
+    texts = tokenizer([build_prompt(i) for i in instructions], add_special_tokens=False).input_ids
+    return [[tokenizer.bos_token_id] + ids + ([] if ids[-1] == empty_id else [empty_id])
+            for ids in texts]
+
+
+def build_input_ids(prompt_ids: list[list[int]], num_patches: int,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [B, L] ids (patch slots right after BOS) and attention mask.
+
+    Left padding puts every prompt's last token in the last column, where decoding continues.
+    """
+    rows = [ids[:1] + [IMAGE_PLACEHOLDER] * num_patches + ids[1:] for ids in prompt_ids]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: 0, 1, 2, ... from each row's first real token (pads get 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run_language_model(vla: OpenVLA, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor,
+                       cache: DynamicCache | None = None) -> torch.Tensor:
+    """Llama decoder over embeds [B, L, D] -> last-layer hidden states [B, L, D].
+
+    With a cache, attention_mask covers cached + new positions and the cache grows in place.
+    """
+    out = vla.language_model.model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=cache is not None,
+    )
+    return out.last_hidden_state
+
+
+@dataclass
+class PromptInputs:
+    """One batch of observations, ready for the model."""
+
+    pixel_values: torch.Tensor  # [B, 6, S, S]
+    input_ids: torch.Tensor  # [B, L] left-padded, IMAGE_PLACEHOLDER at patch slots
+    attention_mask: torch.Tensor  # [B, L]
+
+
+def prepare_inputs(vla: OpenVLA, tokenizer: PreTrainedTokenizerFast,
+                   images: np.ndarray | torch.Tensor, instructions: Sequence[str]) -> PromptInputs:
+    """uint8 images [B, H, W, 3] and B instructions -> the model's inputs, on its device."""
+    if len(images) != len(instructions):
+        raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+    input_ids, attention_mask = build_input_ids(tokenize_prompts(tokenizer, list(instructions)),
+                                                vla.num_patches, vla.config.pad_token_id)
+    weight = vla.projector.fc3.weight
+    pixels = preprocess_images(images, vla.config.image_size, weight.device, weight.dtype)
+    return PromptInputs(pixels, input_ids.to(weight.device), attention_mask.to(weight.device))
+
+
+def predicting_hidden_states(vla: OpenVLA, inputs: PromptInputs, tokens: torch.Tensor) -> torch.Tensor:
+    """One teacher-forced forward over prompt + action tokens [B, 7] -> the last-layer hidden
+    states at the 7 positions that predict them [B, 7, D] (index 0 is h0). The 7th token is
+    left out of the input: its output would predict an 8th token."""
+    embeds = vla.embed_inputs(inputs.pixel_values, inputs.input_ids)  # [B, L, D]
+    action_embeds = vla.language_model.get_input_embeddings()(tokens[:, :-1])  # [B, 6, D]
+    attention_mask = torch.cat([inputs.attention_mask,
+                                inputs.attention_mask.new_ones(len(tokens), ACTION_DIM - 1)], 1)
+    hidden = run_language_model(vla, torch.cat([embeds, action_embeds], 1), attention_mask,
+                                position_ids_from_mask(attention_mask))
+    return hidden[:, -ACTION_DIM:]
+
+
+def action_token_loss(vla: OpenVLA, inputs: PromptInputs, tokens: torch.Tensor,
+                      loss_vocab: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenVLA's training loss: teacher-forced cross-entropy on the 7 action tokens [B, 7]
+    -> (loss, argmax action tokens [B, 7], i.e. greedy decoding given the correct prefix).
+
+    loss_vocab "full": softmax over the whole vocabulary, as OpenVLA trains (the model also
+    learns that text ids are wrong here); "action": over the 256 action ids only, the
+    distribution RL samples from.
+    """
+    hidden = predicting_hidden_states(vla, inputs, tokens)
+    logits = vla.language_model.lm_head(hidden).float()  # [B, 7, V]
+    first = vla.config.pad_token_id - vla.config.n_action_bins  # the action ids' first id
+    action_logits = logits[..., first:first + vla.config.n_action_bins]  # [B, 7, 256]
+    if loss_vocab == "full":
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    else:
+        loss = F.cross_entropy(action_logits.flatten(0, 1), (tokens - first).flatten())
+    return loss, action_logits.argmax(-1) + first
+
+
+def build_tiny_vla(image_size: int | None = None) -> tuple[OpenVLA, PreTrainedTokenizerFast]:
+    """Random tiny OpenVLA on CPU in fp32, identical on every call (fixed base seed)."""
+    image_size = image_size or TINY_IMAGE_SIZE
+    if image_size % 14:
+        raise ValueError(f"image_size must be a multiple of the patch size 14, got {image_size}")
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_vla_config(image_size, text_vocab_size=tokenizer.vocab_size)
+    with torch.random.fork_rng():  # leave the caller's RNG streams untouched
+        torch.manual_seed(TINY_BASE_SEED)
+        vla = OpenVLA(config)
+        smooth_action_rows(vla, ActionTokenizer(tokenizer.vocab_size))
+    return vla.eval(), tokenizer
+
+
+@torch.no_grad()
+def smooth_action_rows(vla: OpenVLA, action_tokenizer: ActionTokenizer, num_features: int = 4) -> None:
+    """Make the action tokens' output and input rows smooth functions of their bin's value.
+
+    A pretrained VLA has learned that neighbouring bins mean neighbouring actions; a random
+    one has not, and RL must then raise each of the 256 bins' probabilities one by one (the
+    toy PPO test stayed at chance for 30 iterations). With rows built from a few Fourier
+    features of the bin value, one LoRA direction moves probability mass smoothly towards
+    larger or smaller actions, as it does in a pretrained model.
+    """
+    ids = torch.arange(action_tokenizer.first_id, action_tokenizer.vocab_size)  # [256]
+    values = torch.as_tensor(action_tokenizer.decode(ids.numpy()), dtype=torch.float32)  # [256]
+    k = torch.arange(1, num_features + 1, dtype=torch.float32)
+    features = torch.cat([values[:, None], torch.cos(torch.pi * k * values[:, None] / 2),
+                          torch.sin(torch.pi * k * values[:, None] / 2)], dim=1)  # [256, F]
+    for weight in (vla.language_model.lm_head.weight, vla.language_model.model.embed_tokens.weight):
+        projection = torch.randn(features.shape[1], weight.shape[1]) * weight.std() / features.shape[1] ** 0.5
+        weight[ids] = features @ projection + 0.1 * weight[ids]
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of the base weights (names, shapes, a strided sample of values).
+
+    Stored in checkpoints: LoRA adapters only make sense on the exact base they were trained on.
+    Values are rounded to bf16 first, so the same base hashes the same in fp32 (CPU) and bf16.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        flat = state_dict[name].detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].bfloat16().float().cpu().numpy()
+        digest.update(f"{name}{tuple(state_dict[name].shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cast_parameters(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move to device and cast parameters only: buffers such as rotary inv_freq stay fp32
+    (in bf16 they would shift every rotary angle)."""
+    module.to(device)
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+    return module
+
+
+# =============================================================================================
+# 4. Loading the official checkpoint layout
+# =============================================================================================
+
+
+def read_norm_stats(model_dir: Path, config_json: dict, unnorm_key: str | None) -> NormStats:
+    """Action statistics from config.json's `norm_stats` or dataset_statistics.json.
+
+    Both map dataset name -> {"action": {"q01", "q99", "mask", ...}}; pick `unnorm_key` or the
+    only key. No statistics at all: identity (-1 / 1).
+    """
+    stats = config_json.get("norm_stats")
+    if not stats and (model_dir / "dataset_statistics.json").exists():
+        stats = json.loads((model_dir / "dataset_statistics.json").read_text())
+    if not stats:
+        return NormStats.identity()
+    if unnorm_key is None:
+        if len(stats) != 1:
+            raise CheckpointError(f"{model_dir} has action statistics for {len(stats)} datasets; "
+                                  f"choose one with unnorm_key= from {sorted(stats)}")
+        unnorm_key = next(iter(stats))
+    if unnorm_key not in stats:
+        raise CheckpointError(f"unnorm_key {unnorm_key!r} not in {model_dir}'s statistics "
+                              f"{sorted(stats)}")
+    return NormStats.from_dict(stats[unnorm_key]["action"])
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files: the shards in model.safetensors.index.json, or model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").exists():
+        names = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{model_dir} has no weights: expected model.safetensors.index.json "
+                              "with its shards, or model.safetensors")
+    missing = [name for name in names if not (model_dir / name).exists()]
+    if missing:
+        raise CheckpointError(f"{model_dir} is missing weight shard(s): {', '.join(missing)}")
+    return [model_dir / name for name in names]
+
+
+def load_openvla_dir(model_dir: str | Path, device: torch.device, unnorm_key: str | None = None,
+                     dtype: torch.dtype | None = None
+                     ) -> tuple[OpenVLA, PreTrainedTokenizerFast, NormStats, str]:
+    """Load an OpenVLA checkpoint directory (config.json, safetensors, tokenizer, statistics).
+
+    Weights load by their official names, strictly. Returns (vla, tokenizer, norm stats,
+    fingerprint of the weights).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise CheckpointError(f"{model_dir}/config.json not found: expected an OpenVLA checkpoint "
+                              "directory (config.json, safetensors shards, tokenizer files)")
+    config_json = parse_file(model_dir / "config.json", lambda p: json.loads(p.read_text()))
+    missing_fields = [k for k in ("timm_model_ids", "image_sizes", "text_config", "pad_token_id")
+                      if k not in config_json]
+    if missing_fields:
+        raise CheckpointError(f"{model_dir}/config.json lacks {', '.join(missing_fields)}")
+    config = VLAConfig.from_dict(config_json)
+    config.text_config = {k: v for k, v in config.text_config.items()
+                          if k not in ("model_type", "torch_dtype", "dtype")}
+    if not config.use_fused_vision_backbone or len(config.timm_model_ids) != 2:
+        raise CheckpointError(f"{model_dir} is not a fused DINOv2 + SigLIP OpenVLA checkpoint")
+    if not (model_dir / "tokenizer.json").exists():
+        raise CheckpointError(f"{model_dir}/tokenizer.json not found (the tokenizer OpenVLA was "
+                              "trained with; its tokenizer_config.json names the special tokens)")
+    files = weight_files(model_dir)
+
+    with init_empty_weights():  # parameters on "meta": no time or memory spent on random init
+        vla = OpenVLA(config)
+    state = {}
+    for path in files:  # cast shard by shard: never two copies of all the weights at once
+        shard = parse_file(path, lambda p: load_file(p, device=str(device)))
+        state.update({name: t.to(dtype or model_dtype(device)) for name, t in shard.items()})
+    try:
+        result = vla.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shape mismatch
+        raise CheckpointError(f"{model_dir}: weights do not fit config.json: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{model_dir}: weights do not match the model: "
+                              f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), "
+                              f"unexpected {result.unexpected_keys[:5]} "
+                              f"({len(result.unexpected_keys)})")
+    vla.to(device)  # the buffers (rotary inv_freq) were built on CPU
+
+    # tokenizer.json as stored, rather than a Llama class that may rebuild it differently.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.vocab_size != config.pad_token_id:
+        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} text tokens but "
+                              f"config.json's pad_token_id is {config.pad_token_id}")
+    norm_stats = read_norm_stats(model_dir, config_json, unnorm_key)
+    return vla.eval(), tokenizer, norm_stats, weights_fingerprint(state)
+
+
+def save_openvla_dir(model_dir: str | Path, vla: OpenVLA, tokenizer: PreTrainedTokenizerFast,
+                     norm_stats: dict[str, NormStats] | None = None,
+                     max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `vla` in the official layout: config.json, safetensors shards + index, tokenizer.
+
+    Used to test the loader without the real 7B weights, and to export merged weights.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = vla.config.to_dict()
+    if not any(config["timm_model_kwargs"]):
+        del config["timm_model_kwargs"]  # the real sizes: keep the official fields only
+    config.update(
+        architectures=["OpenVLAForActionPrediction"], model_type="openvla",
+        text_config=dict(vla.config.text_config, model_type="llama"),
+        norm_stats={key: {"action": s.to_dict()} for key, s in (norm_stats or {}).items()},
+    )
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in vla.state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        shard_bytes += size
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, model_dir / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    tokenizer.save_pretrained(model_dir)
+
+
+def model_image_size(model_path: str | Path | None) -> int:
+    """The input size of a base model, from config.json alone (no weights read): what the
+    renderer must produce before the model is loaded (e.g. to collect demonstrations)."""
+    if model_path is None:
+        return TINY_IMAGE_SIZE
+    config = Path(model_path) / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{config} not found: expected an OpenVLA checkpoint directory")
+    sizes = parse_file(config, lambda p: json.loads(p.read_text())).get("image_sizes")
+    return int(sizes[0]) if sizes else OPENVLA_IMAGE_SIZE
