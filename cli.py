@@ -11,9 +11,11 @@ RECIPES["twin"] (the README's numbers on the 2D twin) and applies the flags on t
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import tyro
@@ -78,7 +80,10 @@ def require_finite_positive(args: Any, *names: str) -> None:
 
 
 def check_model_args(args: Any) -> None:
-    """The flags every training script shares: model, adapter, run directory, resume."""
+    """The flags every training script shares: task, model, adapter, run directory, resume."""
+    from envs import check_split  # numpy and gymnasium only: still no torch
+
+    check_split(args.split, args.env)
     require_positive(args, "lora_rank", "lora_alpha", "image_size")
     if args.image_size is not None and args.model_path is None and args.image_size % 8:
         raise ValueError(f"--image-size must be a multiple of 8 for the tiny model, "
@@ -86,5 +91,36 @@ def check_model_args(args: Any) -> None:
     if args.resume and args.init_checkpoint is not None:
         raise ValueError("--resume continues this run from its own checkpoint; drop "
                          "--init-checkpoint (it only seeds a new run)")
+    # A new run takes the base model's statistics; a checkpoint brings its own.
+    fresh = not args.resume and args.init_checkpoint is None
+    check_unnorm_key(args.model_path, args.unnorm_key, required=fresh)
     if not args.exp_name or "/" in args.exp_name:
         raise ValueError(f"--exp-name must be a plain name, got {args.exp_name!r}")
+
+
+def check_unnorm_key(model_path: str | None, unnorm_key: str | None, required: bool = True) -> None:
+    """--unnorm-key against the datasets whose action statistics the model directory holds
+    (config.json's norm_stats, else dataset_statistics.json), from those JSON files alone: a
+    wrong or missing key fails here, not after minutes of set-up or a 15 GB read. required: the
+    run takes the base's statistics (a new run, or evaluate_ood's 'base'), so several datasets
+    and no key is an error. Unreadable files are left to the loader to name."""
+    if model_path is None:  # the tiny model built in code, or a checkpoint's own base
+        if unnorm_key is not None and required:
+            raise ValueError("--unnorm-key picks the statistics of a --model-path directory; "
+                             "the tiny model built in code has none")
+        return
+    model_dir = Path(model_path)
+    try:
+        stats = json.loads((model_dir / "config.json").read_text()).get("norm_stats")
+        if not stats and (model_dir / "dataset_statistics.json").exists():
+            stats = json.loads((model_dir / "dataset_statistics.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return
+    if not stats or not isinstance(stats, dict):
+        return
+    if unnorm_key is None and required and len(stats) > 1:
+        raise ValueError(f"{model_path} has action statistics for {len(stats)} datasets; choose "
+                         f"one with --unnorm-key from {sorted(stats)}")
+    if unnorm_key is not None and unnorm_key not in stats:
+        raise ValueError(f"--unnorm-key {unnorm_key!r} is not in {model_path}'s statistics "
+                         f"{sorted(stats)}")

@@ -49,6 +49,7 @@ from model import (
     NormStats,
     OpenVLA,
     PromptInputs,
+    VLAConfig,
     build_tiny_vla,
     cast_parameters,
     load_openvla_dir,
@@ -205,12 +206,14 @@ class ActorCritic(nn.Module):
     # --- sampling ------------------------------------------------------------------------------
 
     def sample_action_tokens(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                             temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             temperature: float, where: str = "sampling"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode 7 action tokens with a KV cache.
 
         embeds [B, L, D] (prompt) -> token ids [B, 7], summed log-prob [B], and the hidden states
         at the 7 positions that predicted them [B, 7, D] (index 0 is h0). One prefill, then 6
-        one-token steps: the 7th token's own hidden state is never needed.
+        one-token steps: the 7th token's own hidden state is never needed. Non-finite logits (a
+        diverged policy) raise NonFiniteError naming `where`, not a sampling error.
         """
         vla = self.vla
         cache = DynamicCache(config=vla.language_model.config)
@@ -220,7 +223,9 @@ class ActorCritic(nn.Module):
         tokens, logprob, predicting_hidden = [], 0.0, []
         for step in range(ACTION_DIM):
             predicting_hidden.append(hidden)
-            dist = self.action_distribution(self.action_logits(hidden), temperature)
+            logits = self.action_logits(hidden)
+            check_finite(where, action_logits=logits.abs().amax())  # amax propagates nan
+            dist = self.action_distribution(logits, temperature)
             index = dist.logits.argmax(-1) if temperature == 0 else dist.sample()  # [B] in 0..255
             logprob = logprob + dist.log_prob(index)
             token = index + self.action_tokenizer.first_id
@@ -235,21 +240,22 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()  # not inference_mode: rollout tensors later meet autograd in the update
     def act(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
-            temperature: float = 1.0) -> ActOutput:
-        """Sample one action per observation (temperature 0: greedy). images: uint8 [B, H, W, 3]."""
+            temperature: float = 1.0, where: str = "sampling") -> ActOutput:
+        """Sample one action per observation (temperature 0: greedy). images: uint8 [B, H, W, 3].
+        `where` (e.g. "iteration 3") names the caller in a NonFiniteError."""
         inputs = self.prepare_inputs(images, instructions)
         embeds = self.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
         tokens, logprob, predicting_hidden = self.sample_action_tokens(
-            embeds, inputs.attention_mask, temperature)
+            embeds, inputs.attention_mask, temperature, where)
         value = self.value_from_hidden(inputs, predicting_hidden)  # no extra pass except "separate"
         tokens = tokens.cpu()
         actions = self.norm_stats.unnormalize(self.action_tokenizer.decode(tokens.numpy()))
         return ActOutput(actions, tokens, logprob.float().cpu(),
                          None if value is None else value.cpu())
 
-    def as_policy(self, temperature: float) -> Callable[[dict], ActOutput]:
+    def as_policy(self, temperature: float, where: str = "sampling") -> Callable[[dict], ActOutput]:
         """This agent as a policy for EpisodeLoop: observation dict -> ActOutput."""
-        return lambda obs: self.act(obs["image"], obs["instruction"], temperature)
+        return lambda obs: self.act(obs["image"], obs["instruction"], temperature, where)
 
     # --- teacher-forced scoring ----------------------------------------------------------------
 
@@ -337,8 +343,9 @@ def build_agent(model_path: str | None = None, critic: str | None = "h0",
         fingerprint = weights_fingerprint(vla.state_dict())
         base_stats = NormStats.identity()
     else:
-        vla, tokenizer, base_stats, fingerprint = load_openvla_dir(model_path, device, unnorm_key,
-                                                                   dtype)
+        # Given statistics (a checkpoint's) need no --unnorm-key; a given one is still checked.
+        vla, tokenizer, base_stats, fingerprint = load_openvla_dir(
+            model_path, device, unnorm_key, dtype, read_stats=norm_stats is None)
         if image_size not in (None, vla.config.image_size):
             raise ValueError(f"{model_path} takes {vla.config.image_size}px images, "
                              f"not --image-size {image_size}")
@@ -385,7 +392,8 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
     may differ from a checkpoint's: the weights moved (their fingerprint is checked).
     """
     asked_critic = getattr(args, "critic", None) if needs_critic else None
-    if not args.resume and args.init_checkpoint is None:
+    start = check_start_checkpoint(args, algorithm, needs_critic)
+    if start is None:
         agent = build_agent(args.model_path, critic=(asked_critic or "h0") if needs_critic else None,
                             lora_rank=args.lora_rank or DEFAULT_LORA_RANK,
                             lora_alpha=args.lora_alpha or DEFAULT_LORA_ALPHA,
@@ -393,6 +401,30 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
                             unnorm_key=args.unnorm_key, dtype=dtype)
         return agent, {}
 
+    path, config = start
+    critic = None
+    if needs_critic:
+        critic = config["critic"] if args.resume else (asked_critic or config["critic"] or "h0")
+    agent, state = load_checkpoint(path, device, model_path=args.model_path,
+                                   unnorm_key=args.unnorm_key, critic=critic, dtype=dtype,
+                                   seed=args.seed)
+    if args.resume:
+        return agent, state
+    if critic is not None and config["critic"] != critic:
+        had = "no" if config["critic"] is None else f"a {config['critic']!r}"
+        print(f"note: {path} has {had} value head; a new {critic!r} value head starts from "
+              f"scratch", file=sys.stderr)
+    return agent, {}
+
+
+def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint make_agent() would start from (--resume: the run's own; --init-checkpoint),
+    checked against the flags and the algorithm -> (path, its config); None for a fresh agent.
+    Reads JSON only, so a script can call it before slow set-up (SFT's demonstrations)."""
+    if not args.resume and args.init_checkpoint is None:
+        return None
+    asked_critic = getattr(args, "critic", None) if needs_critic else None
     path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
     config = read_checkpoint_config(path)
     if args.resume and config["algorithm"] != algorithm:
@@ -409,18 +441,7 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
     if differ:
         what = "the run to resume" if args.resume else "--init-checkpoint"
         raise CheckpointError(f"{', '.join(differ)} differ from {what} {path}; drop the flag(s)")
-    critic = None
-    if needs_critic:
-        critic = config["critic"] if args.resume else (asked_critic or config["critic"] or "h0")
-    agent, state = load_checkpoint(path, device, model_path=args.model_path,
-                                   unnorm_key=args.unnorm_key, critic=critic, dtype=dtype)
-    if args.resume:
-        return agent, state
-    if critic is not None and config["critic"] != critic:
-        had = "no" if config["critic"] is None else f"a {config['critic']!r}"
-        print(f"note: {path} has {had} value head; a new {critic!r} value head starts from "
-              f"scratch", file=sys.stderr)
-    return agent, {}
+    return path, config
 
 
 def planned_image_size(args: Any) -> int:
@@ -712,13 +733,13 @@ def save_checkpoint(path: str | Path, agent: ActorCritic, state: dict[str, Any])
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     model_path: str | None = None, unnorm_key: str | None = None,
-                    critic: str | None = "saved", dtype: torch.dtype | None = None
-                    ) -> tuple[ActorCritic, dict[str, Any]]:
+                    critic: str | None = "saved", dtype: torch.dtype | None = None,
+                    seed: int = 0) -> tuple[ActorCritic, dict[str, Any]]:
     """Rebuild the agent saved by save_checkpoint -> (agent, trainer state).
 
     model_path: where the base weights are now, if they moved since training. critic: "saved"
     (the checkpoint's own), None (no critic), or a mode (its value head if the checkpoint has
-    that mode, else a fresh one).
+    that mode, else a fresh one, drawn with `seed`).
     """
     path = Path(path)
     config = read_checkpoint_config(path)
@@ -728,8 +749,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     agent = build_agent(model_path or config["model_path"], critic=critic,
                         lora_rank=config["lora"]["rank"], lora_alpha=config["lora"]["alpha"],
                         image_size=config["model_config"]["image_sizes"][0], device=device,
-                        norm_stats=stats, unnorm_key=unnorm_key, dtype=dtype)
-    if agent.vla_config.to_dict() != config["model_config"]:
+                        norm_stats=stats, unnorm_key=unnorm_key, dtype=dtype, seed=seed)
+    try:  # resolved as the base's config is (a checkpoint may predate a field's default)
+        saved_config = VLAConfig.from_dict(config["model_config"]).to_dict()
+    except (TypeError, ValueError, AttributeError):
+        saved_config = config["model_config"]
+    if agent.vla_config.to_dict() != saved_config:
         raise CheckpointError(f"checkpoint {path} was trained on another model configuration "
                               f"than its base builds now (was the tiny preset changed?)")
     if agent.base_fingerprint != config["base_fingerprint"]:
@@ -754,9 +779,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
             raise CheckpointError(f"checkpoint {path}/{folder} does not fit the model "
                                   f"({len(weights)} tensors for {lora_count} LoRA weights)")
     if agent.value_head is not None and config["critic"] == agent.critic_mode:
+        value_head = read_safetensors(path / "value_head.safetensors")  # corrupt: says so
         try:
-            agent.value_head.load_state_dict(read_safetensors(path / "value_head.safetensors"))
-        except (RuntimeError, CheckpointError):
+            agent.value_head.load_state_dict(value_head)
+        except RuntimeError:
             raise CheckpointError(f"checkpoint {path}/value_head.safetensors does not fit the "
                                   f"value head of critic {agent.critic_mode!r}") from None
     for name, param in agent.named_parameters():
@@ -927,13 +953,15 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 
 def make_writer(directory: Path, args: Any, purge_step: int) -> Any:
-    """TensorBoard writer on rank 0 (None elsewhere). A resumed run purges what the killed run
-    logged after its checkpoint, so every curve has one point per step."""
+    """TensorBoard writer on rank 0 (None elsewhere). purge_step: the last step the checkpoint
+    being resumed covers (0 for a new run). A resumed run purges what the killed run logged
+    after it, so every curve has one point per step. (SummaryWriter purges steps >= its
+    purge_step: the checkpoint's own step, already logged, is kept.)"""
     if world_info()[0] != 0:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(directory), purge_step=purge_step if purge_step > 0 else None)
+    writer = SummaryWriter(str(directory), purge_step=purge_step + 1 if purge_step > 0 else None)
     if purge_step == 0:
         writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in vars(args).items()))
     return writer

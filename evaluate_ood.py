@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from cli import parse_cli, require_non_negative, require_positive
+from cli import check_unnorm_key, parse_cli, require_non_negative, require_positive
 
 
 @dataclass
@@ -44,7 +44,8 @@ class Args:
     model_path: str | None = None
     """the base model's directory now (if it moved since training), or the base of 'base'"""
     unnorm_key: str | None = None
-    """which dataset's action statistics of --model-path to use, for 'base' (needed if several)"""
+    """which dataset's action statistics of --model-path to use, for 'base' (needed if several;
+    a checkpoint keeps the statistics it was trained with)"""
     num_envs: int = 16
     """environments stepped together per rank, one batched policy forward per step"""
     num_workers: int | None = None
@@ -74,6 +75,9 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--seeds has repeats: {args.seeds}")
     resolve_splits(args.splits, args.env)
     labels = [parse_checkpoint(spec)[0] for spec in args.checkpoint]
+    # 'base' takes --model-path's statistics; a checkpoint keeps those it was trained with.
+    check_unnorm_key(args.model_path, args.unnorm_key,
+                     required=any(parse_checkpoint(spec)[1] == "base" for spec in args.checkpoint))
     if not labels:
         raise ValueError("nothing to evaluate: give --checkpoint RUN_DIR (repeatable), NAME=RUN_DIR or base")
     for label in labels:
@@ -136,6 +140,7 @@ from tqdm import tqdm
 from common import (
     CheckpointError,
     EpisodeOutcomes,
+    NonFiniteError,
     build_agent,
     evaluate_policy,
     evaluation_episode_ids,
@@ -180,7 +185,7 @@ def load_policy(path: str, args: Args, device: torch.device) -> Any:
         return build_agent(args.model_path, critic=None, image_size=args.image_size, device=device,
                            unnorm_key=args.unnorm_key, dtype=dtype)
     agent, _ = load_checkpoint(checkpoint_folder(path), device=device, model_path=args.model_path,
-                               critic=None, dtype=dtype)
+                               unnorm_key=args.unnorm_key, critic=None, dtype=dtype)
     return agent
 
 
@@ -490,7 +495,7 @@ if __name__ == "__main__":
         main(ARGS)
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written (results are written at the end)")
-    except (CheckpointError, RenderingUnavailable, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, NonFiniteError, RenderingUnavailable, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
     finally:
         if dist.is_initialized():

@@ -266,7 +266,7 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ grouped rollout
         agent.eval()
         t0 = time.perf_counter()
-        rollout = loop.run(agent.as_policy(args.temperature), num_steps)
+        rollout = loop.run(agent.as_policy(args.temperature, f"iteration {iteration + 1}"), num_steps)
         rollout_time = time.perf_counter() - t0
         global_step += batch_size
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import string
 import tempfile
 import traceback
 import zlib
@@ -959,6 +960,10 @@ def _check_reply(status: str, payload: Any) -> Any:
     return payload
 
 
+# Every character of an instruction (gymnasium's default Text charset has no space).
+INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " -'"
+
+
 class VecEnv(gym.vector.VectorEnv):
     """N PutOnTasks behind gymnasium's vector-env interface (envs.py's docstring): in this
     process, or spread over worker processes that step in parallel."""
@@ -974,7 +979,7 @@ class VecEnv(gym.vector.VectorEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.single_observation_space = gym.spaces.Dict({
             "image": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "instruction": gym.spaces.Text(256)})
+            "instruction": gym.spaces.Text(256, charset=INSTRUCTION_CHARSET)})
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.rng = np.random.default_rng(seed)
         self.episode_ids = np.zeros(num_envs, dtype=np.int64)

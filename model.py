@@ -30,15 +30,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from timm.layers import LayerScale
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import (
     DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaTokenizerFast,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 # =============================================================================================
 # 1. Config and presets
@@ -76,9 +79,63 @@ def parse_file(path: Path, reader: Callable[[Path], Any]) -> Any:
         raise CheckpointError(f"{path} is corrupt: {message}") from None
 
 
+# The Llama fields the model is built from, each resolved once (resolve_text_config) from
+# LlamaConfig with its defaults filling whatever a config.json leaves out: the official
+# OpenVLA-7B config.json's text_config holds only model_type, pad_token_id, torch_dtype and
+# vocab_size (openvla's configuration_prismatic.py and HF conversion script), so its Llama-2-7B
+# shape (4096 wide, MLP 11008, 32 layers, 32 heads, RMSNorm eps 1e-6) is LlamaConfig's defaults.
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias",
+                "attention_dropout", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+                "tie_word_embeddings", "initializer_range")
+
+
+def resolve_text_config(given: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's text_config -> every field of LLAMA_FIELDS, LlamaConfig's default where
+    not given. An official 4-key text_config and a full one of the same model resolve alike."""
+    given = {k: v for k, v in given.items() if k not in ("model_type", "torch_dtype", "dtype")}
+    try:
+        llama = LlamaConfig(**given).to_dict()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"text_config is not a Llama config: {err}") from None
+    return {name: llama[name] for name in LLAMA_FIELDS}
+
+
+@dataclass
+class ImageTransform:
+    """uint8 observation -> each tower's input: resize to the tower's size, scale to [0, 1],
+    normalise with the tower's mean and std (one entry per tower: DINOv2, SigLIP).
+
+    The defaults are the tiny preset's. A model directory's preprocessor_config.json overrides
+    them (read_image_transform): the official OpenVLA-7B one says "resize-naive", bicubic for
+    both towers (torchvision resize, interpolation=3, antialias=True) and bf16-rounded ImageNet
+    statistics for DINOv2: means [0.484375, 0.455078125, 0.40625], stds [0.228515625,
+    0.2236328125, 0.224609375]; SigLIP 0.5 / 0.5.
+    """
+
+    interpolations: list[str] = field(default_factory=lambda: ["bilinear", "bilinear"])
+    antialias: bool = True
+    means: list[list[float]] = field(default_factory=lambda: [list(DINOV2_MEAN), list(SIGLIP_MEAN)])
+    stds: list[list[float]] = field(default_factory=lambda: [list(DINOV2_STD), list(SIGLIP_STD)])
+    # "resize-naive" squashes to a square; "resize-crop" and "letterbox" do the same to a square
+    # image (all the envs render square ones), and are refused for others (preprocess_images).
+    resize_strategy: str = "resize-naive"
+
+    def __post_init__(self) -> None:  # JSON-stable: lists of plain floats, compared on load
+        self.interpolations = [str(m) for m in self.interpolations]
+        self.means = [[float(v) for v in m] for m in self.means]
+        self.stds = [[float(v) for v in s] for s in self.stds]
+
+
 @dataclass
 class VLAConfig:
-    """The model's shape. Field names follow the official OpenVLA config.json."""
+    """The model's shape. Field names follow the official OpenVLA config.json.
+
+    text_config is resolved on construction (resolve_text_config): whatever config.json gave,
+    every size is read from the resolved fields after that, and to_dict() is deterministic
+    (checkpoints store it and compare it on load).
+    """
 
     timm_model_ids: list[str]  # [DINOv2 tower, SigLIP tower]
     image_sizes: list[int]  # input resolution of each tower (equal)
@@ -90,6 +147,14 @@ class VLAConfig:
     pad_to_multiple_of: int = 64
     n_action_bins: int = NUM_ACTION_BINS
     use_fused_vision_backbone: bool = True
+    # Not in config.json: from preprocessor_config.json, where the official checkpoint keeps it.
+    image_transform: ImageTransform = field(default_factory=ImageTransform)
+
+    def __post_init__(self) -> None:
+        self.text_config = resolve_text_config(self.text_config)
+        if isinstance(self.image_transform, dict):
+            self.image_transform = ImageTransform(**self.image_transform)
+        self.image_sizes = [int(s) for s in self.image_sizes]
 
     @property
     def image_size(self) -> int:
@@ -158,12 +223,14 @@ red green blue yellow white black purple pink brown gray grey
 """.split()
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     """A Llama-like SentencePiece (unigram) tokenizer built in code: no download, always the same.
 
     Ids: <unk> <s> </s> (0-2, as in Llama), 256 byte-fallback pieces, "▁", printable characters,
     "▁word" pieces, then 256 pieces that text never produces (they hold the action bins, like
     Llama's last 256 ids), then <pad> (= the text vocabulary size, like OpenVLA's 32000).
+    vocab_size: pad the text vocabulary to this size with unused pieces before the action ones
+    (32000: the action ids are 31744..31999, as in Llama-2).
     """
     never = -1e4  # a score no character path loses to: text never yields these pieces
     pieces = [("<unk>", never), ("<s>", never), ("</s>", never)]
@@ -171,6 +238,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     pieces += [(EMPTY_PIECE, -3.0)]
     pieces += [(c, -5.0) for c in string.printable if not c.isspace()]
     pieces += [(EMPTY_PIECE + w, -1.0) for w in dict.fromkeys(TINY_WORDS)] + [("Out", -1.0)]
+    if vocab_size is not None:
+        filler = vocab_size - len(pieces) - NUM_ACTION_BINS
+        if filler < 0:
+            raise ValueError(f"vocab_size must be at least {len(pieces) + NUM_ACTION_BINS}")
+        pieces += [(f"<unused_{i:05d}>", never) for i in range(filler)]
     pieces += [(f"<action_{i:03d}>", never) for i in range(NUM_ACTION_BINS)]
 
     backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
@@ -376,20 +448,43 @@ class OpenVLA(nn.Module):
         return embeds.masked_scatter(is_patch.unsqueeze(-1), patches.to(embeds.dtype))
 
 
+def resize_like_pil(x: torch.Tensor, size: int, mode: str, antialias: bool) -> torch.Tensor:
+    """[B, 3, H, W] float uint8 levels (0..255) -> [B, 3, size, size], as PIL resizes a uint8
+    image (what the official processor's torchvision resize does to its PIL input): a
+    horizontal pass, then a vertical one, each rounded to uint8. Within one level of PIL's
+    output (its fixed-point weights); in one float pass, high-frequency content could differ by
+    ~20 levels where PIL clips the first pass's overshoot."""
+    for shape in ((x.shape[-2], size), (size, size)):
+        if tuple(x.shape[-2:]) != shape:
+            x = F.interpolate(x, size=shape, mode="nearest-exact" if mode == "nearest" else mode,
+                              antialias=antialias and mode != "nearest",
+                              align_corners=None if mode == "nearest" else False)
+            x = x.round().clamp(0.0, 255.0)
+    return x
+
+
 def preprocess_images(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> [B, 6, S, S]: resized, normalised for DINOv2 and for SigLIP."""
+                      dtype: torch.dtype, transform: ImageTransform | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> [B, 6, S, S]: resized, normalised for DINOv2 and for SigLIP.
+
+    `transform` (default: the tiny preset's) sets each tower's interpolation, antialiasing and
+    statistics; a model directory's preprocessor_config.json fills it (the official OpenVLA one:
+    bicubic with antialiasing, by torchvision on a PIL image, which resize_like_pil follows).
+    Images already S x S are not resized (PIL returns those unchanged too).
+    """
+    transform = transform or ImageTransform()
     x = torch.as_tensor(np.asarray(images)).to(device)  # move uint8: 4x less to copy
-    x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W] in [0, 1]
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-
-    def normalise(mean: tuple, std: tuple) -> torch.Tensor:
-        return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
-
-    return torch.cat([normalise(DINOV2_MEAN, DINOV2_STD), normalise(SIGLIP_MEAN, SIGLIP_STD)],
-                     dim=1).to(dtype)
+    x = x.permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255
+    height, width = x.shape[-2:]
+    if height != width and transform.resize_strategy != "resize-naive":
+        raise ValueError(f"images are {height}x{width}: image_resize_strategy "
+                         f"{transform.resize_strategy!r} is implemented for square images only")
+    resized = {mode: resize_like_pil(x, image_size, mode, transform.antialias) / 255.0
+               for mode in dict.fromkeys(transform.interpolations)}  # one resize per mode
+    towers = [(resized[mode] - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+              for mode, mean, std in zip(transform.interpolations, transform.means, transform.stds,
+                                         strict=True)]
+    return torch.cat(towers, dim=1).to(dtype)
 
 
 def build_prompt(instruction: str) -> str:
@@ -460,7 +555,8 @@ def prepare_inputs(vla: OpenVLA, tokenizer: PreTrainedTokenizerFast,
     input_ids, attention_mask = build_input_ids(tokenize_prompts(tokenizer, list(instructions)),
                                                 vla.num_patches, vla.config.pad_token_id)
     weight = vla.projector.fc3.weight
-    pixels = preprocess_images(images, vla.config.image_size, weight.device, weight.dtype)
+    pixels = preprocess_images(images, vla.config.image_size, weight.device, weight.dtype,
+                               vla.config.image_transform)
     return PromptInputs(pixels, input_ids.to(weight.device), attention_mask.to(weight.device))
 
 
@@ -500,10 +596,11 @@ def action_token_loss(vla: OpenVLA, inputs: PromptInputs, tokens: torch.Tensor,
 def build_tiny_vla(image_size: int | None = None) -> tuple[OpenVLA, PreTrainedTokenizerFast]:
     """Random tiny OpenVLA on CPU in fp32, identical on every call (fixed base seed)."""
     image_size = image_size or TINY_IMAGE_SIZE
-    if image_size % 14:
-        raise ValueError(f"image_size must be a multiple of the patch size 14, got {image_size}")
     tokenizer = build_tiny_tokenizer()
     config = tiny_vla_config(image_size, text_vocab_size=tokenizer.vocab_size)
+    patch = config.timm_model_kwargs[0].get("patch_size", 14)
+    if image_size % patch:
+        raise ValueError(f"image_size must be a multiple of the patch size {patch}, got {image_size}")
     with torch.random.fork_rng():  # leave the caller's RNG streams untouched
         torch.manual_seed(TINY_BASE_SEED)
         vla = OpenVLA(config)
@@ -558,35 +655,131 @@ def cast_parameters(module: nn.Module, device: torch.device, dtype: torch.dtype)
 # =============================================================================================
 # 4. Loading the official checkpoint layout
 # =============================================================================================
+#
+# What the official OpenVLA-7B directory holds (huggingface.co/openvla/openvla-7b): config.json
+# (openvla's OpenVLAConfig: timm_model_ids, image_sizes, a 4-key text_config, pad_token_id,
+# norm_stats of many datasets, ...), preprocessor_config.json (the image processor), three
+# safetensors shards with model.safetensors.index.json, and the Llama-2 tokenizer (tokenizer.json
+# and tokenizer.model). load_openvla_dir checks everything that can fail cheaply (config, dataset
+# statistics, tokenizer, shard list, every weight's name and shape from the shard headers, memory)
+# before it reads a byte of weights: on a 7B directory a wrong --unnorm-key fails in seconds.
+
+OFFICIAL_ARCH = "fused-gelu-mlp"  # the official arch_specifier: "no-align+fused-gelu-mlp"
+RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")  # Prismatic's
+# torchvision's (and PIL's) interpolation codes, as the official tvf_resize_params store them.
+INTERPOLATION_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """config.json, checked for the fields the model is built from; no weights read."""
+    if not (model_dir / "config.json").exists():
+        raise CheckpointError(f"{model_dir}/config.json not found: expected an OpenVLA checkpoint "
+                              "directory (config.json, safetensors shards, tokenizer files)")
+    config_json = parse_file(model_dir / "config.json", lambda p: json.loads(p.read_text()))
+    missing_fields = [k for k in ("timm_model_ids", "image_sizes", "text_config", "pad_token_id")
+                      if k not in config_json]
+    if missing_fields:
+        raise CheckpointError(f"{model_dir}/config.json lacks {', '.join(missing_fields)}")
+    return config_json
 
 
 def read_norm_stats(model_dir: Path, config_json: dict, unnorm_key: str | None) -> NormStats:
     """Action statistics from config.json's `norm_stats` or dataset_statistics.json.
 
-    Both map dataset name -> {"action": {"q01", "q99", "mask", ...}}; pick `unnorm_key` or the
+    Both map dataset name -> {"action": {"q01", "q99", "mask", "mean", ...}, "proprio": {...},
+    "num_transitions", "num_trajectories"} (the official nesting); pick `unnorm_key` or the
     only key. No statistics at all: identity (-1 / 1).
     """
     stats = config_json.get("norm_stats")
     if not stats and (model_dir / "dataset_statistics.json").exists():
-        stats = json.loads((model_dir / "dataset_statistics.json").read_text())
+        stats = parse_file(model_dir / "dataset_statistics.json",
+                           lambda p: json.loads(p.read_text()))
     if not stats:
         return NormStats.identity()
     if unnorm_key is None:
         if len(stats) != 1:
             raise CheckpointError(f"{model_dir} has action statistics for {len(stats)} datasets; "
-                                  f"choose one with unnorm_key= from {sorted(stats)}")
+                                  f"choose one with --unnorm-key (unnorm_key=) from {sorted(stats)}")
         unnorm_key = next(iter(stats))
     if unnorm_key not in stats:
         raise CheckpointError(f"unnorm_key {unnorm_key!r} not in {model_dir}'s statistics "
                               f"{sorted(stats)}")
-    return NormStats.from_dict(stats[unnorm_key]["action"])
+    action = stats[unnorm_key].get("action") if isinstance(stats[unnorm_key], dict) else None
+    if not isinstance(action, dict) or not {"q01", "q99"} <= set(action):
+        raise CheckpointError(f"{model_dir}: the statistics of {unnorm_key!r} lack action q01/q99")
+    return NormStats.from_dict(action)
+
+
+def read_image_transform(model_dir: Path, config_json: dict, image_sizes: list[int]
+                         ) -> ImageTransform:
+    """preprocessor_config.json (the official image processor's fields: interpolations, means,
+    stds, input_sizes, image_resize_strategy, tvf_resize_params) -> ImageTransform.
+    Without the file: the preset's defaults (bilinear; see ImageTransform)."""
+    path = model_dir / "preprocessor_config.json"
+    strategy = config_json.get("image_resize_strategy", "resize-naive")
+    if not path.exists():
+        return ImageTransform(resize_strategy=strategy)
+    pre = parse_file(path, lambda p: json.loads(p.read_text()))
+    lacking = [k for k in ("interpolations", "means", "stds") if k not in pre]
+    if lacking:
+        raise CheckpointError(f"{path} lacks {', '.join(lacking)}")
+    towers = len(image_sizes)
+    if any(len(pre[k]) != towers for k in ("interpolations", "means", "stds")):
+        raise CheckpointError(f"{path}: interpolations, means and stds need one entry per tower "
+                              f"({towers})")
+    sizes = [list(s) for s in pre.get("input_sizes") or []]
+    if sizes and sizes != [[3, s, s] for s in image_sizes]:
+        raise CheckpointError(f"{path}: input_sizes {sizes} do not match config.json's "
+                              f"image_sizes {image_sizes}")
+    unknown = [m for m in pre["interpolations"] if m not in INTERPOLATION_CODES]
+    strategy = pre.get("image_resize_strategy", strategy)
+    if unknown or strategy not in RESIZE_STRATEGIES:
+        raise CheckpointError(f"{path}: unsupported interpolations {unknown} or image_resize_strategy "
+                              f"{strategy!r} (supported: {sorted(INTERPOLATION_CODES)}; "
+                              f"{', '.join(RESIZE_STRATEGIES)})")
+    antialias = all(p.get("antialias", True) for p in pre.get("tvf_resize_params") or [])
+    return ImageTransform(interpolations=pre["interpolations"], antialias=antialias,
+                          means=pre["means"], stds=pre["stds"], resize_strategy=strategy)
+
+
+def tokenizer_model_readable() -> bool:
+    """Whether transformers can turn a SentencePiece tokenizer.model into a fast tokenizer."""
+    return is_sentencepiece_available() and is_protobuf_available()
+
+
+def load_tokenizer(model_dir: Path, text_vocab_size: int) -> PreTrainedTokenizerFast:
+    """tokenizer.json as stored (the official directory ships it), else tokenizer.model converted
+    by transformers (needs sentencepiece; seconds per load). Its text vocabulary must be
+    config.json's pad_token_id (32000 for OpenVLA-7B)."""
+    if (model_dir / "tokenizer.json").exists():
+        # As stored, rather than through a Llama class that may rebuild it differently.
+        tokenizer = parse_file(model_dir / "tokenizer.json", lambda p: PreTrainedTokenizerFast
+                               .from_pretrained(model_dir, local_files_only=True))
+    elif (model_dir / "tokenizer.model").exists():
+        if not tokenizer_model_readable():
+            raise CheckpointError(
+                f"{model_dir} has tokenizer.model but no tokenizer.json, and reading "
+                f"tokenizer.model needs sentencepiece: pip install sentencepiece protobuf, or make "
+                f"tokenizer.json once where it is installed: python -c \"from transformers import "
+                f"LlamaTokenizerFast as T; T.from_pretrained('{model_dir}')"
+                f".save_pretrained('{model_dir}')\"")
+        tokenizer = parse_file(model_dir / "tokenizer.model", lambda p: LlamaTokenizerFast
+                               .from_pretrained(model_dir, local_files_only=True))
+    else:
+        raise CheckpointError(f"{model_dir} has no tokenizer: expected tokenizer.json (or "
+                              "tokenizer.model), the tokenizer OpenVLA was trained with")
+    if tokenizer.vocab_size != text_vocab_size:
+        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} text tokens but "
+                              f"config.json's pad_token_id is {text_vocab_size}")
+    return tokenizer
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The weight files: the shards in model.safetensors.index.json, or model.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = parse_file(index, lambda p: json.loads(p.read_text())["weight_map"])
+        names = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").exists():
         names = ["model.safetensors"]
     else:
@@ -598,78 +791,185 @@ def weight_files(model_dir: Path) -> list[Path]:
     return [model_dir / name for name in names]
 
 
-def load_openvla_dir(model_dir: str | Path, device: torch.device, unnorm_key: str | None = None,
-                     dtype: torch.dtype | None = None
-                     ) -> tuple[OpenVLA, PreTrainedTokenizerFast, NormStats, str]:
-    """Load an OpenVLA checkpoint directory (config.json, safetensors, tokenizer, statistics).
+def official_weight_name(name: str) -> str:
+    """A stored weight name -> the model's. DINOv2's LayerScale is stored as `ls1.scale_factor`
+    by the official conversion (see LayerScaleFactor) and as `ls1.gamma` by timm: both load."""
+    if name.startswith("vision_backbone.") and name.endswith((".ls1.gamma", ".ls2.gamma")):
+        return name[: -len("gamma")] + "scale_factor"
+    return name
 
-    Weights load by their official names, strictly. Returns (vla, tokenizer, norm stats,
-    fingerprint of the weights).
+
+def read_weight_shapes(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """model's weight name -> (file, stored name, shape), from the safetensors headers alone."""
+    def header(path: Path) -> dict[str, tuple[int, ...]]:
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for path in files:
+        for stored, shape in parse_file(path, header).items():
+            name = official_weight_name(stored)
+            if name in found:
+                raise CheckpointError(f"{path.parent}: weight {name} is stored twice "
+                                      f"({found[name][1]} in {found[name][0].name}, {stored} in "
+                                      f"{path.name})")
+            found[name] = (path, stored, shape)
+    return found
+
+
+def check_weight_shapes(model_dir: Path, vla: OpenVLA,
+                        found: dict[str, tuple[Path, str, tuple[int, ...]]]) -> None:
+    """Every weight of the (meta) model stored once with its shape, and nothing else."""
+    expected = {name: tuple(t.shape) for name, t in vla.state_dict().items()}
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: weights do not match the model: "
+                              f"missing {missing[:5]} ({len(missing)}), "
+                              f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    wrong = [n for n in expected if found[n][2] != expected[n]]
+    if wrong:
+        name = wrong[0]
+        raise CheckpointError(f"{model_dir}: weights do not fit config.json: {name} is "
+                              f"{list(found[name][2])} in {found[name][0].name}, the model's is "
+                              f"{list(expected[name])} ({len(wrong)} such)")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the weights: MemAvailable on the CPU, free memory on a GPU (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model_dir: Path, num_weights: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Refuse, in one line, a load whose weights alone would not fit (OpenVLA-7B: 7.54B weights,
+    ~30 GB in fp32 and ~15 GB in bf16), before reading any of them."""
+    need = num_weights * torch.empty(0, dtype=dtype).element_size()
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
+    where = "GPU" if device.type == "cuda" else "CPU (MemAvailable)"
+    hint = ("a GPU with more free memory" if device.type == "cuda" else
+            "--dtype bfloat16 (half the memory; slow on a CPU, for inspection runs) or a GPU"
+            if dtype != torch.bfloat16 else "a GPU, or free some memory")
+    raise CheckpointError(f"{model_dir}: its {num_weights / 1e9:.2f}B weights need "
+                          f"{need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} but the "
+                          f"{where} has {free / 2**30:.1f} GiB free; use {hint}")
+
+
+def load_openvla_dir(model_dir: str | Path, device: torch.device, unnorm_key: str | None = None,
+                     dtype: torch.dtype | None = None, read_stats: bool = True
+                     ) -> tuple[OpenVLA, PreTrainedTokenizerFast, NormStats | None, str]:
+    """Load an OpenVLA checkpoint directory (config.json, preprocessor_config.json, safetensors,
+    tokenizer, statistics) as the official one is laid out.
+
+    Everything that can fail cheaply is checked before any weight is read. Weights load by their
+    official names, strictly. read_stats False (the caller has statistics, e.g. a checkpoint's):
+    no `unnorm_key` needed, a given one is still checked. Returns (vla, tokenizer, norm stats or
+    None, fingerprint of the weights).
     """
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise CheckpointError(f"{model_dir}/config.json not found: expected an OpenVLA checkpoint "
-                              "directory (config.json, safetensors shards, tokenizer files)")
-    config_json = parse_file(model_dir / "config.json", lambda p: json.loads(p.read_text()))
-    missing_fields = [k for k in ("timm_model_ids", "image_sizes", "text_config", "pad_token_id")
-                      if k not in config_json]
-    if missing_fields:
-        raise CheckpointError(f"{model_dir}/config.json lacks {', '.join(missing_fields)}")
-    config = VLAConfig.from_dict(config_json)
-    config.text_config = {k: v for k, v in config.text_config.items()
-                          if k not in ("model_type", "torch_dtype", "dtype")}
-    if not config.use_fused_vision_backbone or len(config.timm_model_ids) != 2:
-        raise CheckpointError(f"{model_dir} is not a fused DINOv2 + SigLIP OpenVLA checkpoint")
-    if not (model_dir / "tokenizer.json").exists():
-        raise CheckpointError(f"{model_dir}/tokenizer.json not found (the tokenizer OpenVLA was "
-                              "trained with; its tokenizer_config.json names the special tokens)")
+    device = torch.device(device)
+    dtype = dtype or model_dtype(device)
+    config_json = read_config_json(model_dir)
+    # The Llama config is resolved here, once (VLAConfig.__post_init__): the official 4-key
+    # text_config + LlamaConfig's defaults; every size is read from the resolved config after.
+    try:
+        config = VLAConfig.from_dict({k: v for k, v in config_json.items() if k != "image_transform"})
+    except CheckpointError as err:
+        raise CheckpointError(f"{model_dir}/config.json: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{model_dir}/config.json is not an OpenVLA config: {err}") from None
+    arch = config_json.get("arch_specifier", OFFICIAL_ARCH)
+    if (not config.use_fused_vision_backbone or len(config.timm_model_ids) != 2
+            or not arch.endswith(OFFICIAL_ARCH)):
+        raise CheckpointError(f"{model_dir} is not a fused DINOv2 + SigLIP OpenVLA checkpoint "
+                              f"with a fused GELU MLP projector (arch_specifier {arch!r})")
+    config.image_transform = read_image_transform(model_dir, config_json, config.image_sizes)
+    norm_stats = (read_norm_stats(model_dir, config_json, unnorm_key)
+                  if read_stats or unnorm_key is not None else None)
+    tokenizer = load_tokenizer(model_dir, config.pad_token_id)
     files = weight_files(model_dir)
+    found = read_weight_shapes(files)
 
     with init_empty_weights():  # parameters on "meta": no time or memory spent on random init
         vla = OpenVLA(config)
-    state = {}
-    for path in files:  # cast shard by shard: never two copies of all the weights at once
-        shard = parse_file(path, lambda p: load_file(p, device=str(device)))
-        state.update({name: t.to(dtype or model_dtype(device)) for name, t in shard.items()})
+    check_weight_shapes(model_dir, vla, found)
+    check_memory(model_dir, sum(math.prod(shape) for _, _, shape in found.values()), dtype, device)
+
+    def read_shard(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            # Cast tensor by tensor: never a second copy of a whole shard.
+            return {official_weight_name(n): f.get_tensor(n).to(dtype) for n in f.keys()}
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(parse_file(path, read_shard))
     try:
-        result = vla.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:  # shape mismatch
+        vla.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # checked above from the headers; a shard changed meanwhile
         raise CheckpointError(f"{model_dir}: weights do not fit config.json: "
                               f"{str(err).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{model_dir}: weights do not match the model: "
-                              f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), "
-                              f"unexpected {result.unexpected_keys[:5]} "
-                              f"({len(result.unexpected_keys)})")
     vla.to(device)  # the buffers (rotary inv_freq) were built on CPU
-
-    # tokenizer.json as stored, rather than a Llama class that may rebuild it differently.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-    if tokenizer.vocab_size != config.pad_token_id:
-        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} text tokens but "
-                              f"config.json's pad_token_id is {config.pad_token_id}")
-    norm_stats = read_norm_stats(model_dir, config_json, unnorm_key)
     return vla.eval(), tokenizer, norm_stats, weights_fingerprint(state)
+
+
+def preprocessor_config(config: VLAConfig) -> dict[str, Any]:
+    """config.image_transform as the official preprocessor_config.json lays it out (openvla's
+    PrismaticImageProcessor fields, without auto_map: no remote code is shipped here)."""
+    t = config.image_transform
+    return {
+        "image_processor_type": "PrismaticImageProcessor",
+        "image_resize_strategy": t.resize_strategy,
+        "input_sizes": [[3, s, s] for s in config.image_sizes],
+        "interpolations": t.interpolations,
+        "means": t.means,
+        "processor_class": "PrismaticProcessor",
+        "stds": t.stds,
+        "tvf_crop_params": [{"output_size": [s, s]} for s in config.image_sizes],
+        "tvf_do_letterbox": t.resize_strategy == "letterbox",
+        "tvf_letterbox_fill": None,
+        "tvf_normalize_params": [{"inplace": False, "mean": m, "std": s}
+                                 for m, s in zip(t.means, t.stds, strict=True)],
+        "tvf_resize_params": [{"antialias": t.antialias, "interpolation": INTERPOLATION_CODES[m],
+                               "max_size": None, "size": [s, s]}
+                              for m, s in zip(t.interpolations, config.image_sizes, strict=True)],
+        "use_fused_vision_backbone": config.use_fused_vision_backbone,
+    }
 
 
 def save_openvla_dir(model_dir: str | Path, vla: OpenVLA, tokenizer: PreTrainedTokenizerFast,
                      norm_stats: dict[str, NormStats] | None = None,
                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `vla` in the official layout: config.json, safetensors shards + index, tokenizer.
+    """Write `vla` in the official layout: config.json, preprocessor_config.json, safetensors
+    shards + index, tokenizer. config.json keeps the full resolved text_config (the official one
+    leaves LlamaConfig's defaults out; both load alike).
 
     Used to test the loader without the real 7B weights, and to export merged weights.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     config = vla.config.to_dict()
+    del config["image_transform"]  # preprocessor_config.json's, as in the official layout
     if not any(config["timm_model_kwargs"]):
         del config["timm_model_kwargs"]  # the real sizes: keep the official fields only
     config.update(
         architectures=["OpenVLAForActionPrediction"], model_type="openvla",
+        image_resize_strategy=vla.config.image_transform.resize_strategy,
         text_config=dict(vla.config.text_config, model_type="llama"),
         norm_stats={key: {"action": s.to_dict()} for key, s in (norm_stats or {}).items()},
     )
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(vla.config), indent=2))
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0

@@ -300,7 +300,7 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ rollout
         agent.eval()
         t0 = time.perf_counter()
-        rollout = loop.run(agent.as_policy(args.temperature), args.num_steps)
+        rollout = loop.run(agent.as_policy(args.temperature, f"iteration {iteration + 1}"), args.num_steps)
         next_value = bootstrap_value(agent, rollout, args.temperature)
         rollout_time = time.perf_counter() - t0
         global_step += batch_size

@@ -146,6 +146,7 @@ from tqdm import tqdm
 from common import (
     ActorCritic,
     check_finite,
+    check_start_checkpoint,
     evaluate_policy,
     evaluation_episode_ids,
     global_mean,
@@ -233,6 +234,7 @@ def main(args: Args) -> dict[str, float]:
     for what, path in (("--model-path", args.model_path), ("--init-checkpoint", args.init_checkpoint)):
         if path is not None and not Path(path).is_dir():  # fail now, not after collecting demos
             raise FileNotFoundError(f"{what} {path} does not exist")
+    check_start_checkpoint(args, "sft")  # a checkpoint that contradicts the flags: also now
 
     # ---------------------------------------------------------------- demonstrations
     # Before the model: collecting needs none (--collect-only needs no GPU). Rank 0 collects.

@@ -7,14 +7,14 @@ one rollout is one episode: a reset, then T x (act, step). Three results, measur
 in one run, --repeats times interleaved (medians), because on a machine shared with other jobs
 absolute times drift and only ratios taken in the same run hold:
 
-1. Overhead of common.collect_rollout: env-only (reset + T steps of the N envs in N worker
+1. Overhead of common.EpisodeLoop: env-only (reset + T steps of the N envs in N worker
    processes, fixed random actions), policy-only (agent.act on the observations recorded there,
    batch N, T calls) and the full rollout on the same envs; (env + policy) / full is 1.0 when the
    rollout costs no more than its parts (target >= 0.9).
 2. A pipelined rollout (pipelined_rollout below): the N envs as two VecEnvs of N/2 (N/2 workers
    each); while one half steps in its workers (VecEnv.step_async / step_wait), the policy acts
    on the other half's observations, at batch N/2. (env + policy) / pipelined > 1.0 when the
-   two overlap. Only this benchmark has that loop: the training scripts use collect_rollout.
+   two overlap. Only this benchmark has that loop: the training scripts use EpisodeLoop.
 3. Scaling: env-steps/s of 1 in-process env against N envs in N worker processes, same T steps.
 Not a test: numbers depend on the machine.
 """
@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ActorCritic, build_agent, collect_rollout  # noqa: E402  (repo root: no package)
-from envs import VecEnv, make_vec_env  # noqa: E402
+from common import ActorCritic, EpisodeLoop, build_agent  # noqa: E402  (repo root: no package)
+from envs import make_vec_env  # noqa: E402
+from maniskill_env import VecEnv  # noqa: E402
 
 SPLIT = "ind"
 TEMPERATURE = 1.0  # sampling, as in PPO's rollouts
@@ -52,7 +53,7 @@ def env_only(envs: VecEnv, episode_ids: np.ndarray,
     """Reset, then step with the given actions [T, N, 7]: (reset seconds, step seconds, the
     observation before each step, for the policy to act on)."""
     start = time.perf_counter()
-    observations = [envs.reset(episode_ids)]
+    observations = [envs.reset(options={"episode_ids": episode_ids})[0]]
     reset_seconds = time.perf_counter() - start
     for action in actions:
         observations.append(envs.step(action)[0])
@@ -69,8 +70,8 @@ def pipelined_rollout(agent: ActorCritic, halves: tuple[VecEnv, VecEnv], episode
     """One episode of `steps` steps in two half-batches, the policy on one half while the other
     steps in its worker processes. Rewards [steps, N]. Not wired into the training scripts."""
     first, second = halves
-    obs_first = first.reset(episode_ids[:first.num_envs])
-    obs_second = second.reset(episode_ids[first.num_envs:])
+    obs_first, _ = first.reset(options={"episode_ids": episode_ids[:first.num_envs]})
+    obs_second, _ = second.reset(options={"episode_ids": episode_ids[first.num_envs:]})
     rewards_first, rewards_second = [], []
 
     def act(obs: dict) -> np.ndarray:
@@ -79,11 +80,11 @@ def pipelined_rollout(agent: ActorCritic, halves: tuple[VecEnv, VecEnv], episode
     first.step_async(act(obs_first))
     for t in range(steps):
         second.step_async(act(obs_second))  # the policy ran while `first` stepped
-        obs_first, reward, _, _ = first.step_wait()
+        obs_first, reward, _, _, _ = first.step_wait()
         rewards_first.append(reward)
         if t < steps - 1:
             first.step_async(act(obs_first))  # the policy runs while `second` steps
-        obs_second, reward, _, _ = second.step_wait()
+        obs_second, reward, _, _, _ = second.step_wait()
         rewards_second.append(reward)
     return np.concatenate([np.stack(rewards_first), np.stack(rewards_second)], axis=1)
 
@@ -91,7 +92,7 @@ def pipelined_rollout(agent: ActorCritic, halves: tuple[VecEnv, VecEnv], episode
 def warm_up(agent: ActorCritic, env_sets: list[VecEnv]) -> None:
     """One reset, act and step on every VecEnv: first frames and first calls cost extra."""
     for envs in env_sets:
-        obs = envs.reset(np.arange(envs.num_envs))
+        obs, _ = envs.reset(options={"episode_ids": np.arange(envs.num_envs)})
         envs.step(agent.act(obs["image"], obs["instruction"], TEMPERATURE).actions)
 
 
@@ -113,18 +114,21 @@ def main() -> None:
     torch.manual_seed(0)
     n, steps, size = args.num_envs, args.steps, args.image_size
 
-    agent = build_agent("tiny", image_size=size, device=args.device)
+    agent = build_agent(image_size=size, device=args.device)
     episode_ids = np.arange(n)
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, n, 7)).astype(np.float32)
     times: dict[str, list[float]] = {key: [] for key in
                                      ("env", "env_steps", "policy", "full", "pipelined", "single")}
     with ExitStack() as stack:
         start = time.perf_counter()
-        envs = stack.enter_context(make_vec_env(SPLIT, n, size, max_episode_steps=steps,
-                                                num_workers=n))
-        halves = tuple(stack.enter_context(make_vec_env(SPLIT, n // 2, size, max_episode_steps=steps,
-                                                        num_workers=n // 2)) for _ in range(2))
-        single = stack.enter_context(make_vec_env(SPLIT, 1, size, max_episode_steps=steps))
+        def opened(envs: VecEnv) -> VecEnv:  # closed when the stack unwinds
+            stack.callback(envs.close)
+            return envs
+
+        envs = opened(make_vec_env(SPLIT, n, size, max_episode_steps=steps, num_workers=n))
+        halves = tuple(opened(make_vec_env(SPLIT, n // 2, size, max_episode_steps=steps,
+                                           num_workers=n // 2)) for _ in range(2))
+        single = opened(make_vec_env(SPLIT, 1, size, max_episode_steps=steps))
         print(f"{SPLIT}, {size}px, {n} envs x {steps} steps, tiny preset on {args.device} "
               f"(torch threads: {torch.get_num_threads()}); envs started in "
               f"{time.perf_counter() - start:.0f} s")
@@ -135,8 +139,8 @@ def main() -> None:
             times["env"].append(reset_s + steps_s)
             times["env_steps"].append(steps_s)
             times["policy"].append(seconds(lambda obs=observations: policy_only(agent, obs)))
-            times["full"].append(seconds(lambda: collect_rollout(
-                agent, envs, steps, TEMPERATURE, episode_ids_fn=lambda: episode_ids)))
+            times["full"].append(seconds(lambda: EpisodeLoop(envs, lambda: episode_ids).run(
+                agent.as_policy(TEMPERATURE), steps)))
             times["pipelined"].append(seconds(
                 lambda: pipelined_rollout(agent, halves, episode_ids, steps)))
             times["single"].append(env_only(single, episode_ids[:1], actions[:, :1])[1])
@@ -147,12 +151,12 @@ def main() -> None:
                                     for key in ("env", "policy", "full", "pipelined"))
     overhead_ratio, pipelined_ratio = (env + policy) / full, (env + policy) / pipelined
     print(f"RESULT rollout overhead: env-only {env:.2f} s + policy-only {policy:.2f} s vs "
-          f"collect_rollout {full:.2f} s: ratio {overhead_ratio:.2f} "
+          f"EpisodeLoop {full:.2f} s: ratio {overhead_ratio:.2f} "
           f"(target >= 0.9: {'met' if overhead_ratio >= 0.9 else 'NOT met'})")
     print(f"RESULT pipelined rollout (2 x {n // 2} envs): {pipelined:.2f} s vs env-only + "
           f"policy-only {env + policy:.2f} s: ratio {pipelined_ratio:.2f} "
           f"({'overlap' if pipelined_ratio > 1 else 'NO overlap'}); "
-          f"{full / pipelined:.2f}x the speed of collect_rollout")
+          f"{full / pipelined:.2f}x the speed of EpisodeLoop")
     one = steps / statistics.median(times["single"])
     many = n * steps / statistics.median(times["env_steps"])
     print(f"RESULT vector-env scaling: 1 env {one:.1f} env-steps/s, {n} envs in {n} workers "

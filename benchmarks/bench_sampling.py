@@ -20,13 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (  # noqa: E402  (the repo root is not a package)
-    ACTION_DIM,
-    ActorCritic,
-    build_agent,
-    position_ids_from_mask,
-    run_language_model,
-)
+from common import ActorCritic, build_agent  # noqa: E402  (the repo root is not a package)
+from model import ACTION_DIM, position_ids_from_mask, run_language_model  # noqa: E402
 
 INSTRUCTIONS = ["put the carrot on the plate", "put the green cube onto the yellow towel",
                 "move to the red square", "pick up the eggplant and place it in the basket"]
@@ -65,7 +60,7 @@ def greedy_tokens_without_cache(agent: ActorCritic, embeds: torch.Tensor,
     for _ in range(ACTION_DIM):
         hidden = run_language_model(vla, embeds, attention_mask,
                                     position_ids_from_mask(attention_mask))[:, -1]
-        token = agent.action_logits(vla, hidden).argmax(-1) + agent.action_tokenizer.first_id
+        token = agent.action_logits(hidden).argmax(-1) + agent.action_tokenizer.first_id
         tokens.append(token)
         embeds = torch.cat([embeds, embed_tokens(token)[:, None]], 1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], 1)
@@ -81,12 +76,12 @@ def decode_seconds(agent: ActorCritic, batch_size: int,
         embeds = agent.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
     mask = inputs.attention_mask
     with torch.no_grad():
-        cached_tokens, _, _ = agent.sample_action_tokens(agent.vla, embeds, mask, 0.0)
+        cached_tokens, _, _ = agent.sample_action_tokens(embeds, mask, 0.0)
     assert torch.equal(cached_tokens, greedy_tokens_without_cache(agent, embeds, mask)), \
         "KV-cache decoding changed the tokens"
     with torch.no_grad():
         cached = seconds_per_call(
-            lambda: agent.sample_action_tokens(agent.vla, embeds, mask, 0.0), seconds)
+            lambda: agent.sample_action_tokens(embeds, mask, 0.0), seconds)
     uncached = seconds_per_call(lambda: greedy_tokens_without_cache(agent, embeds, mask), seconds)
     return cached, uncached, mask.shape[1]
 
@@ -101,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    agent = build_agent(preset="tiny", device=args.device)
+    agent = build_agent(device=args.device)
     print(f"tiny preset: {agent.image_size}px, {agent.vla.num_patches} patches per tower, "
           f"{sum(p.numel() for p in agent.vla.parameters()):,} weights incl. LoRA, "
           f"{torch.get_num_threads()} CPU threads")

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_update.py --model-scale 7b --dry-run  # anywhere
 
 One PPO update step is what ppo_vla.py does per optimizer step: --grad-accum-steps minibatches of
---minibatch-size, each a teacher-forced forward through agent.evaluate(images, instructions,
+--minibatch-size, each a teacher-forced forward through agent.score_actions(images, instructions,
 tokens) and a backward of the PPO loss (ppo_vla.py's clipped_policy_loss + clipped_value_loss,
 its default coefficients), then gradient clipping and one AdamW step with ppo_vla.py's two
 parameter groups (LoRA, value head). Two results, measured side by side in one run:
@@ -53,21 +53,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (  # noqa: E402  (the repo root is not a package)
+    ActorCritic,
+    build_agent,
+    peak_memory_gb,
+    resolve_device,
+)
+from model import (  # noqa: E402
     ACTION_DIM,
     DINOV2_TIMM_ID,
     NUM_ACTION_BINS,
     SIGLIP_TIMM_ID,
     TINY_IMAGE_SIZE,
-    ActorCritic,
     NormStats,
     OpenVLA,
     VLAConfig,
-    build_agent,
     build_tiny_tokenizer,
     cast_parameters,
     padded_vocab_size,
-    peak_memory_gb,
-    resolve_device,
     tiny_vla_config,
 )
 from ppo_vla import Args as PPOArgs  # noqa: E402
@@ -133,13 +135,11 @@ def build_bench_agent(scale: str, critic: str, image_size: int, device: torch.de
                       seed: int) -> ActorCritic:
     """tiny: build_agent's own model. 7b: random OpenVLA-7B-sized weights in bf16."""
     if scale == "tiny" and device.type != "meta":
-        return build_agent(preset="tiny", critic=critic, image_size=image_size, device=device,
-                           seed=seed)
+        return build_agent(critic=critic, image_size=image_size, device=device, seed=seed)
     dtype = torch.bfloat16 if scale == "7b" else torch.float32
     vla = build_random_vla(vla_config(scale, image_size), device, dtype)
     torch.manual_seed(seed)
-    return ActorCritic(vla, build_tiny_tokenizer(), NormStats.identity(),
-                       preset="openvla-7b" if scale == "7b" else "tiny", model_path=None,
+    return ActorCritic(vla, build_tiny_tokenizer(), NormStats.identity(), model_path=None,
                        base_fingerprint=f"random-{scale}", critic=critic)
 
 
@@ -178,7 +178,7 @@ class Minibatch:
     images: torch.Tensor  # uint8 [B, S, S, 3], on CPU like the rollout buffer
     instructions: list[str]
     tokens: torch.Tensor  # long [B, 7] action ids
-    old_logprob: torch.Tensor  # [B] from a no-grad evaluate: ratios start at 1, as in PPO
+    old_logprob: torch.Tensor  # [B] from a no-grad score_actions: ratios start at 1, as in PPO
     old_value: torch.Tensor  # [B]
     advantages: torch.Tensor  # [B] ~ N(0, 1), as after normalisation
     returns: torch.Tensor  # [B]
@@ -196,7 +196,7 @@ def make_minibatches(agent: ActorCritic, minibatch_size: int, count: int,
         tokens = torch.from_numpy(first + rng.integers(0, NUM_ACTION_BINS,
                                                        (minibatch_size, ACTION_DIM)))
         with torch.no_grad():
-            logprob, _, value = agent.evaluate(images, instructions, tokens, PPO.temperature)
+            logprob, _, value = agent.score_actions(images, instructions, tokens, PPO.temperature)
         noise = torch.from_numpy(rng.standard_normal((2, minibatch_size)).astype(np.float32))
         noise = noise.to(value.device)
         minibatches.append(Minibatch(images, instructions, tokens, logprob, value,
@@ -209,8 +209,8 @@ def ppo_update_step(agent: ActorCritic, optimizer: torch.optim.Optimizer,
     """ppo_vla.py's update for one optimizer step (entropy coefficient 0, no KL stop)."""
     agent.train()
     for mb in minibatches:
-        new_logprob, entropy, new_value = agent.evaluate(mb.images, mb.instructions, mb.tokens,
-                                                         temperature=PPO.temperature)
+        new_logprob, entropy, new_value = agent.score_actions(mb.images, mb.instructions, mb.tokens,
+                                                              temperature=PPO.temperature)
         pg_loss, _ = clipped_policy_loss(new_logprob, mb.old_logprob, mb.advantages,
                                          PPO.clip_coef)
         v_loss = clipped_value_loss(new_value, mb.old_value, mb.returns, PPO.vf_clip_coef,

@@ -1,4 +1,5 @@
-"""dpo_vla.py: its loss on known numbers, its chunked gradient, its pairs, its learning, its files."""
+"""dpo_vla.py: its loss on known numbers, its chunked gradient, its pairs, and on the twin its
+files (pairs reused, checked), the no-pairs case and resume."""
 
 from __future__ import annotations
 
@@ -8,35 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, scalars, tiny_agent, with_move_right_bonus
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dpo_vla
-from common import build_agent, load_checkpoint
-
-
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+from common import load_checkpoint
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoint/adapter/adapter_model.safetensors")
 
 
-def toy_args(tmp_path: Path, **overrides) -> dpo_vla.Args:
-    """A small DPO run on the toy task: one-step episodes, tiny model at 56 px, no evaluation.
-
-    beta 1.0, not 0.1: a one-step trajectory sums only 7 token log-probs, and with beta 0.1 the
-    loss barely saturates, so the policy drifts (measured over 8 rounds: eval success 0.74, the
-    rollouts' success swinging from 0.66 down to 0.34; with 1.0: 0.99). lr 1e-3, 8 pairs a step
-    and one epoch learned fastest of the settings tried (3e-3 and two epochs memorised the pairs).
-    """
+def twin_args(tmp_path: Path, **overrides) -> dpo_vla.Args:
+    """One small DPO round on the twin: 4 states x 4 rollouts of 5 steps, tiny model, no eval."""
     args = dict(
-        split="toy", num_envs=64, max_episode_steps=1, image_size=56, num_states=128, rollouts_per_state=4,
-        max_pairs_per_state=3, rounds=1, epochs=1, beta=1.0, learning_rate=1e-3, pairs_per_batch=8,
-        chunk_size=64, eval_every=0, output_dir=str(tmp_path), exp_name="toy",
+        env="twin", image_size=SIZE, num_envs=8, max_episode_steps=5, num_states=4, rollouts_per_state=4,
+        max_pairs_per_state=2, rounds=1, epochs=1, beta=1.0, learning_rate=1e-3, pairs_per_batch=4,
+        chunk_size=20, eval_every=0, device="cpu", output_dir=str(tmp_path), exp_name="twin",
     )
     args.update(overrides)
     return dpo_vla.Args(**args)
@@ -79,38 +68,33 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected() -> None:
     assert abs(chosen.grad[1].item()) > 0.05
 
 
-def random_trajectories(agent, num_trajectories: int, length: int, seed: int = 0) -> dpo_vla.Preferences:
-    """Random images and valid action tokens, M trajectories of L steps, with made-up reference log-probs."""
+def random_trajectories(agent, num_trajectories: int, length: int, seed: int = 0) -> dict:
+    """Random images and valid action tokens, M trajectories of L steps, made-up reference log-probs."""
     rng = np.random.default_rng(seed)
     size = agent.image_size
     actions = rng.uniform(-1, 1, size=(num_trajectories, length, 7))
-    return dpo_vla.Preferences(
-        images=torch.as_tensor(rng.integers(0, 256, (num_trajectories, length, size, size, 3), dtype=np.uint8)),
-        instructions=[[f"move to the {c} square"] * length for c in ["red", "green", "blue", "yellow"][:num_trajectories]],
-        tokens=torch.as_tensor(agent.action_tokenizer.encode(actions)).long(),
-        ref_logprobs=torch.as_tensor(rng.normal(-30.0, 3.0, num_trajectories), dtype=torch.float32),
-        episode_ids=torch.zeros(num_trajectories, dtype=torch.long),
-        success=torch.zeros(num_trajectories, dtype=torch.bool),
-        pairs=torch.tensor([[0, 1], [2, 1], [0, 2]]),
-        stats={},
-    )
+    colours = ["red", "green", "blue", "yellow"][:num_trajectories]
+    return {
+        "images": torch.as_tensor(rng.integers(0, 256, (num_trajectories, length, size, size, 3), dtype=np.uint8)),
+        "instructions": [[f"move to the {c} square"] * length for c in colours],
+        "tokens": torch.as_tensor(agent.action_tokenizer.encode(actions)).long(),
+        "ref_logprobs": torch.as_tensor(rng.normal(-30.0, 3.0, num_trajectories), dtype=torch.float32),
+        "pairs": torch.tensor([[0, 1], [2, 1], [0, 2]]),
+    }
 
 
 def test_chunked_two_pass_gradient_equals_direct_autograd() -> None:
-    agent = build_agent("tiny", None, image_size=56, device="cpu", seed=0)
-    params = list(agent.lora_parameters())
-    with torch.no_grad():  # move off the zero-initialised adapter so that every LoRA weight gets a gradient
-        for p in params:
-            p.add_(0.05 * torch.randn_like(p))
+    agent = tiny_agent(critic=None)  # off the zero-initialised adapter: every LoRA weight gets a gradient
+    params = agent.lora_parameters()
     agent.train()
     data = random_trajectories(agent, num_trajectories=3, length=3)
 
     # Direct: one graph through all 9 steps, loss.backward().
-    logp, _, _ = agent.evaluate(data.images.flatten(0, 1), [s for t in data.instructions for s in t],
-                                data.tokens.flatten(0, 1), temperature=1.0)
+    logp, _, _ = agent.score_actions(data["images"].flatten(0, 1), [s for t in data["instructions"] for s in t],
+                                     data["tokens"].flatten(0, 1), temperature=1.0)
     logp = logp.view(3, 3).sum(dim=1)
-    c, r = data.pairs[:, 0], data.pairs[:, 1]
-    loss, _, _ = dpo_vla.dpo_loss(logp[c], logp[r], data.ref_logprobs[c], data.ref_logprobs[r], beta=0.3)
+    c, r = data["pairs"][:, 0], data["pairs"][:, 1]
+    loss, _, _ = dpo_vla.dpo_loss(logp[c], logp[r], data["ref_logprobs"][c], data["ref_logprobs"][r], beta=0.3)
     loss.mean().backward()
     direct = [p.grad.clone() for p in params]
     assert sum(g.abs().sum().item() for g in direct) > 0
@@ -119,7 +103,8 @@ def test_chunked_two_pass_gradient_equals_direct_autograd() -> None:
     for chunk_size in (1, 2, 100):
         for p in params:
             p.grad = None
-        stats = dpo_vla.dpo_update(agent, data, data.pairs, beta=0.3, chunk_size=chunk_size)
+        args = dpo_vla.Args(beta=0.3, chunk_size=chunk_size)
+        stats = dpo_vla.dpo_update(agent, data, data["pairs"], args, "test")
         assert stats["losses/loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
         for p, g in zip(params, direct, strict=True):
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -151,108 +136,93 @@ def test_user_mistakes_are_rejected_before_loading_anything() -> None:
         dpo_vla.check_args(dpo_vla.Args(beta=0.0))
 
 
-# ---------------------------------------------------------------- the whole script
+# ---------------------------------------------------------------- the whole script on the twin
 
 
-@pytest.mark.slow
-def test_dpo_learns_toy_task_from_chance(tmp_path: Path) -> None:
-    # Iterative DPO: each round's pairs come from the policy the previous round left.
-    args = toy_args(tmp_path, rounds=8, eval_every=4, eval_episodes=256)
-    final = dpo_vla.main(args)
-    run = tmp_path / "toy"
-    assert final["eval/reference_success"] < 0.35, f"the untrained policy should be near chance (~12%), got {final}"
-    assert final["eval/success"] >= max(0.5, 2 * final["eval/reference_success"]), f"DPO did not learn: {final}"
-    pairs = scalars(run, "data/pairs")
-    assert len(pairs) == args.rounds and min(pairs) > 0
-    assert len(scalars(run, "eval/success")) == 3, "the reference, round 4 and round 8"
-    loss = scalars(run, "losses/loss")
-    assert loss[0] == pytest.approx(math.log(2), abs=1e-4), "the first step starts at the reference: loss log 2"
-    assert np.mean(scalars(run, "rewards/accuracy")[-5:]) > 0.5
+def test_collected_pairs_are_scored_by_the_reference_and_the_first_loss_is_log_2(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    with_move_right_bonus(monkeypatch, dpo_vla)  # about half the rollouts "succeed"
+    metrics = dpo_vla.main(twin_args(tmp_path))
+    run = tmp_path / "twin"
+    data = torch.load(run / "preferences" / "round_001.pt", weights_only=True)
+    pairs, m = data["pairs"], len(data["tokens"])
+    assert len(pairs) > 0 and metrics["data/pairs"] == len(pairs)
+    assert pairs.max() < m and data["images"].shape == (m, 5, SIZE, SIZE, 3) and data["tokens"].shape == (m, 5, 7)
+    assert (data["env"], data["split"]) == ("twin", "ind")
+    assert sorted(set(pairs.flatten().tolist())) == list(range(m)), "only paired trajectories are kept"
+    assert scalars(run, "losses/loss")[0] == pytest.approx(math.log(2), abs=1e-4), "starts at the reference"
     _, state = load_checkpoint(run / "checkpoint")
-    assert state["round"] == 8 and state["algorithm"] == "dpo"
+    assert state["round"] == 1 and state["algorithm"] == "dpo" and state["updates"] == len(scalars(run, "losses/loss"))
+    assert sum(v.abs().sum().item() for k, v in adapter(run).items() if "lora_B" in k) > 0
 
 
-def test_no_pairs_is_reported_and_the_run_still_finishes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # Greedy rollouts from one state are identical, so no state can have both a success and a failure.
-    args = toy_args(tmp_path, num_states=16, rollouts_per_state=4, temperature=0.0)
-    metrics = dpo_vla.main(args)
-    assert metrics["data/pairs"] == 0
+def test_no_pairs_is_reported_and_the_run_still_finishes(tmp_path: Path, capsys) -> None:
+    # A random tiny policy never succeeds on the twin: no state has a success and a failure.
+    metrics = dpo_vla.main(twin_args(tmp_path))
+    assert metrics["data/pairs"] == 0 and metrics["rollout/success"] == 0
     assert "no preference pairs" in capsys.readouterr().out
-    _, state = load_checkpoint(tmp_path / "toy/checkpoint")
+    _, state = load_checkpoint(tmp_path / "twin/checkpoint")
     assert state["round"] == 1 and state["updates"] == 0
-    assert sum(v.abs().sum().item() for k, v in adapter(tmp_path / "toy").items() if "lora_B" in k) == 0, \
+    assert sum(v.abs().sum().item() for k, v in adapter(tmp_path / "twin").items() if "lora_B" in k) == 0, \
         "without pairs the adapter must stay at its (zero) initialisation"
 
 
-def test_pairs_are_reused_and_a_corrupt_file_is_collected_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    args = toy_args(tmp_path, num_states=32, rollouts_per_state=8, num_envs=64)
-    first = dpo_vla.main(args)
+def test_pairs_from_another_run_train_without_collecting(tmp_path: Path, monkeypatch) -> None:
+    with_move_right_bonus(monkeypatch, dpo_vla)
+    first = dpo_vla.main(twin_args(tmp_path))
     assert first["data/pairs"] > 0
-    path = tmp_path / "toy/preferences/round_001.pt"
-    trained = adapter(tmp_path / "toy")
+    path = tmp_path / "twin" / "preferences" / "round_001.pt"
 
     def no_collection(*_args, **_kwargs):
-        raise AssertionError("the stored pairs should have been reused")
+        raise AssertionError("the pairs of --pairs-from should have been used")
 
     with monkeypatch.context() as patch:
         patch.setattr(dpo_vla, "collect_preferences", no_collection)
-        again = dpo_vla.main(args)  # same settings: no rollout, and the very same training
-        assert again["data/pairs"] == first["data/pairs"]
-        for k, v in adapter(tmp_path / "toy").items():
-            torch.testing.assert_close(v, trained[k])
-        # Round 1's pairs come from the initial policy, so a learning-rate sweep shares them too.
-        dpo_vla.main(toy_args(tmp_path, num_states=32, rollouts_per_state=8, learning_rate=3e-4, exp_name="lr",
-                              preference_dir=str(path.parent)))
-    assert "reusing" in capsys.readouterr().out
+        again = dpo_vla.main(twin_args(tmp_path, exp_name="again", pairs_from=str(path)))
+    assert again["data/pairs"] == first["data/pairs"]
+    trained = adapter(tmp_path / "twin")
+    for k, v in adapter(tmp_path / "again").items():  # the same data, the same training
+        torch.testing.assert_close(v, trained[k])
 
+
+def test_pairs_files_that_do_not_fit_are_refused(tmp_path: Path, monkeypatch) -> None:
+    with_move_right_bonus(monkeypatch, dpo_vla)
+    dpo_vla.main(twin_args(tmp_path))
+    path = tmp_path / "twin" / "preferences" / "round_001.pt"
+    with pytest.raises(ValueError, match=f"holds twin/ind at {SIZE} px, not twin/unseen_table"):
+        dpo_vla.load_pairs(path, twin_args(tmp_path, split="unseen_table"), SIZE)
+    with pytest.raises(ValueError, match=f"not twin/ind at {2 * SIZE} px"):
+        dpo_vla.load_pairs(path, twin_args(tmp_path), 2 * SIZE)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a half-written file
-    redone = dpo_vla.main(args)
-    assert "unreadable" in capsys.readouterr().out
-    assert redone["data/pairs"] == first["data/pairs"]
-    assert dpo_vla.load_preferences(path, dpo_vla.collection_settings(args, 0)) is not None
+    with pytest.raises(ValueError, match="is not a pairs file") as info:
+        dpo_vla.main(twin_args(tmp_path, exp_name="again", pairs_from=str(path)))
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dpo_vla.load_pairs(tmp_path / "nowhere.pt", twin_args(tmp_path), SIZE)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    small = dict(num_states=16, rollouts_per_state=8, num_envs=64, epochs=1)
-    dpo_vla.main(toy_args(tmp_path / "a", rounds=2, **small))
-    dpo_vla.main(toy_args(tmp_path / "b", rounds=1, **small))
-    dpo_vla.main(toy_args(tmp_path / "b", rounds=2, resume=True, **small))
-    a, b = adapter(tmp_path / "a/toy"), adapter(tmp_path / "b/toy")
+def test_resume_reproduces_an_uninterrupted_run_and_reuses_its_pairs(tmp_path: Path, monkeypatch) -> None:
+    # "b" stops after round 1, is resumed and killed after collecting round 2's pairs, then
+    # resumed again: it trains on those pairs, collecting nothing, and ends where "a" did.
+    with_move_right_bonus(monkeypatch, dpo_vla)
+    dpo_vla.main(twin_args(tmp_path / "a", rounds=2))
+    dpo_vla.main(twin_args(tmp_path / "b", rounds=1))
+    real_update = dpo_vla.dpo_update
+    with monkeypatch.context() as patch:
+        def killed(*_args, **_kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(dpo_vla, "dpo_update", killed)
+        with pytest.raises(KeyboardInterrupt):
+            dpo_vla.main(twin_args(tmp_path / "b", rounds=2, resume=True))
+        assert (tmp_path / "b/twin/preferences/round_002.pt").exists()
+        patch.setattr(dpo_vla, "dpo_update", real_update)
+        patch.setattr(dpo_vla, "collect_preferences", lambda *a, **kw: pytest.fail("collected again"))
+        dpo_vla.main(twin_args(tmp_path / "b", rounds=2, resume=True))
+    a, b = adapter(tmp_path / "a/twin"), adapter(tmp_path / "b/twin")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    _, state = load_checkpoint(tmp_path / "b/toy/checkpoint")
+    _, state = load_checkpoint(tmp_path / "b/twin/checkpoint")
     assert state["round"] == 2 and state["updates"] > 0
-
-
-@pytest.mark.slow
-def test_short_rounds_on_maniskill_write_a_loadable_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    # Round 1 runs as it comes: a random tiny model almost never succeeds in 8 steps, so it
-    # usually has no pairs. Round 2 pretends the first rollout succeeded, if none did, so that
-    # an update on real 8-step trajectories (in chunks of 3 steps) runs as well.
-    real_pairing = dpo_vla.pair_successes_with_failures
-    rounds_seen: list[int] = []
-
-    def pairing(episode_ids, success, max_pairs_per_state, rng):
-        rounds_seen.append(1)
-        pairs = real_pairing(episode_ids, success, max_pairs_per_state, rng)
-        return torch.tensor([[0, 1]]) if len(rounds_seen) == 2 and len(pairs) == 0 else pairs
-
-    monkeypatch.setattr(dpo_vla, "pair_successes_with_failures", pairing)
-    args = dpo_vla.Args(split="ind", num_envs=2, max_episode_steps=8, image_size=56, num_states=1,
-                        rollouts_per_state=2, rounds=2, chunk_size=3, eval_every=2, eval_episodes=2,
-                        output_dir=str(tmp_path), exp_name="sim")
-    metrics = dpo_vla.main(args)
-    run = tmp_path / "sim"
-    first_round_pairs = scalars(run, "data/pairs")[0]
-    if first_round_pairs == 0:
-        assert "round 1: no preference pairs" in capsys.readouterr().out
-    assert metrics["data/pairs"] >= 1 and math.isfinite(metrics["losses/loss"])
-    assert 0.0 <= metrics["eval/success"] <= 1.0
-    _, state = load_checkpoint(run / "checkpoint")
-    assert state["round"] == 2 and state["algorithm"] == "dpo" and state["updates"] >= 1
-    assert sum(v.abs().sum().item() for k, v in adapter(run).items() if "lora_B" in k) > 0
+    assert scalars(tmp_path / "b/twin", "data/pairs") == scalars(tmp_path / "a/twin", "data/pairs")

@@ -1,4 +1,5 @@
-"""ppo_vla.py: its math on hand-computed numbers, its learning, its checkpoints and resume."""
+"""ppo_vla.py: its math on hand-computed numbers; on the twin, episodes that span iterations,
+the skipped policy step, divergence, checkpoints, resume and its TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -10,41 +11,44 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import (
+    REPO,
+    SIZE,
+    assert_one_line_error,
+    run_cli,
+    scalar_events,
+    scalars,
+    tiny_agent,
+    with_move_right_bonus,
+)
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_vla
-from common import load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+from common import EpisodeLoop, NonFiniteError, build_agent, load_checkpoint
+from envs import make_vec_env
+from twin_env import TWIN_HORIZON
 
 
-def toy_args(tmp_path: Path, **overrides) -> ppo_vla.Args:
-    """A small PPO run on the toy task: one-step episodes, 128 envs, tiny model at 56 px.
-
-    Tuned on this CPU: at lr 3e-3 the joint 7-token ratio moved too far per step (approx KL
-    0.8-10, entropy collapsing on the 5 dims that do not matter) and success stalled at ~25%;
-    lr 1e-3 with 2 epochs over 128 samples reached ~90% rollout success by iteration 16, but
-    one update in ~20 jumped (approx KL 2-14) and undid it; a tighter gradient clip (1.0) and
-    stopping an update past approx KL 0.5 kept it at 96-100% from iteration 16 to 30.
-    """
+def twin_args(tmp_path: Path, **overrides) -> ppo_vla.Args:
+    """A few small PPO iterations on the twin: 2 envs x 10 steps, tiny model at SIZE px."""
     args = dict(
-        split="toy", num_envs=128, num_steps=1, max_episode_steps=1, image_size=56,
-        minibatch_size=32, grad_accum_steps=1, epochs=2, learning_rate=1e-3, value_learning_rate=3e-3,
-        max_grad_norm=1.0, target_kl=0.5,
-        total_iterations=25, eval_every=25, eval_episodes=256, save_every=1000,
-        output_dir=str(tmp_path), exp_name="toy",
+        env="twin", image_size=SIZE, num_envs=2, num_steps=10, minibatch_size=10, grad_accum_steps=1,
+        total_iterations=2, eval_every=0, save_every=1, device="cpu", output_dir=str(tmp_path),
+        exp_name="twin",
     )
     args.update(overrides)
     return ppo_vla.Args(**args)
+
+
+def adapter(run_dir: Path, folder: str = "adapter") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoint" / folder / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------- the math
 
 
 def test_gae_matches_hand_computed_case_with_episode_ends() -> None:
@@ -85,69 +89,269 @@ def test_clipped_value_loss_on_known_numbers() -> None:
     assert far.item() == pytest.approx(0.875)
 
 
-@pytest.mark.slow
-def test_ppo_learns_toy_task_from_chance(tmp_path: Path) -> None:
-    args = toy_args(tmp_path)
-    final = ppo_vla.main(args)
-    success = scalars(tmp_path / "toy", "rollout/success")
-    assert len(success) == args.total_iterations
-    assert success[0] < 0.35, f"the untrained policy should be near chance (~12%), got {success[0]}"
-    assert final["eval/success"] >= 0.9, f"PPO should solve the toy task, got {final['eval/success']}"
-    assert len(scalars(tmp_path / "toy", "losses/value_loss")) == args.total_iterations
+def test_explained_variance() -> None:
+    returns = torch.tensor([1.0, 2.0, 3.0])
+    assert ppo_vla.explained_variance(returns, returns) == pytest.approx(1.0)
+    assert ppo_vla.explained_variance(torch.full((3,), 2.0), returns) == pytest.approx(0.0)
+    assert math.isnan(ppo_vla.explained_variance(returns, torch.ones(3)))
+
+
+def test_bootstrap_value_is_the_value_of_the_next_observation() -> None:
+    agent = tiny_agent()
+    envs = make_vec_env("ind", 2, SIZE, env="twin")
+    loop = EpisodeLoop(envs)
+    cut = loop.run(agent.as_policy(1.0), 5)  # mid-episode
+    value = ppo_vla.bootstrap_value(agent, cut, 1.0)
+    tokens = cut.tokens[0]  # h0's value does not depend on the tokens that follow it
+    with torch.no_grad():
+        expected = agent.score_actions(cut.last_obs["image"], cut.last_obs["instruction"], tokens)[2]
+    torch.testing.assert_close(value, expected, atol=1e-5, rtol=0)
+    assert (value != 0).all()
+    ended = loop.run(agent.as_policy(1.0), envs.max_episode_steps - 5)  # to the end of the episode
+    assert ended.last_obs is None
+    assert torch.equal(ppo_vla.bootstrap_value(agent, ended, 1.0), torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------- runs on the twin
+
+
+def test_episodes_longer_than_an_iteration_are_trained_on_every_step(tmp_path: Path, monkeypatch) -> None:
+    """--num-steps 10 on the 30-step twin: iterations 1-3 play one episode, 10 steps each, and
+    iteration 4 starts the next; every step is trained on; cuts are bootstrapped."""
+    assert TWIN_HORIZON == 30
+    loops, gae_calls, batches = [], [], []
+
+    class RecordingLoop(EpisodeLoop):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.record: list[tuple] = []
+            loops.append(self)
+
+        def run(self, *a, **kw):
+            rollout = super().run(*a, **kw)
+            self.record.append((rollout, self.envs.t))
+            return rollout
+
+    real_gae, real_update = ppo_vla.compute_gae, ppo_vla.ppo_update
+
+    def recording_gae(rewards, values, dones, next_value, *a):
+        gae_calls.append(next_value.clone())
+        return real_gae(rewards, values, dones, next_value, *a)
+
+    def recording_update(agent, optimizer, batch, *a):
+        batches.append({k: batch[k] for k in ("images", "tokens", "logprobs")})
+        return real_update(agent, optimizer, batch, *a)
+
+    monkeypatch.setattr(ppo_vla, "EpisodeLoop", RecordingLoop)
+    monkeypatch.setattr(ppo_vla, "compute_gae", recording_gae)
+    monkeypatch.setattr(ppo_vla, "ppo_update", recording_update)
+    args = twin_args(tmp_path, num_steps=10, total_iterations=4, save_every=100)
+    ppo_vla.main(args)
+
+    (loop,) = loops
+    rollouts, steps_done = zip(*loop.record, strict=True)
+    assert steps_done == (10, 20, 30, 10), "the env's step counter: one episode over 3 iterations"
+    ids = [r.episode_ids for r in rollouts]
+    assert all((i == ids[0][0]).all() for i in ids[:3]), "iterations 1-3 continue the same episodes"
+    assert not (ids[3] == ids[0][0]).any(), "iteration 4 starts new ones"
+    assert [r.dones.any(1).nonzero().flatten().tolist() for r in rollouts] == [[], [], [9], []]
+    assert [len(r.episode_returns) for r in rollouts] == [0, 0, 2, 0]
+    # Every step of every rollout went into the update, as it was recorded.
+    assert len(batches) == 4
+    for rollout, batch in zip(rollouts, batches, strict=True):
+        assert len(batch["logprobs"]) == args.num_envs * args.num_steps
+        assert torch.equal(batch["images"], rollout.flat("images"))
+        assert torch.equal(batch["tokens"], rollout.flat("tokens"))
+    # A cut episode is bootstrapped from the next observation's value; an ended one is not.
+    assert all((v != 0).all() for v in (gae_calls[0], gae_calls[1], gae_calls[3]))
+    assert torch.equal(gae_calls[2], torch.zeros(2))
+    returns = scalars(tmp_path / "twin", "rollout/episodic_return")
+    assert [math.isnan(r) for r in returns] == [True, True, False, True]
+
+
+def test_an_evaluation_between_iterations_restarts_the_episodes(tmp_path: Path, monkeypatch) -> None:
+    # The evaluation plays whole episodes in the training envs: the cut episode is gone, so the
+    # next iteration starts new ones instead of stepping envs whose episodes are over.
+    loops = []
+
+    class RecordingLoop(EpisodeLoop):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.ids: list[torch.Tensor] = []
+            loops.append(self)
+
+        def run(self, *a, **kw):
+            rollout = super().run(*a, **kw)
+            self.ids.append(rollout.episode_ids[0])
+            return rollout
+
+    monkeypatch.setattr(ppo_vla, "EpisodeLoop", RecordingLoop)
+    metrics = ppo_vla.main(twin_args(tmp_path, num_steps=5, max_episode_steps=12, eval_every=1,
+                                     eval_episodes=2, total_iterations=2, save_every=100))
+    first, second = loops[0].ids
+    assert not (first == second).any(), "iteration 2 did not continue iteration 1's episodes"
+    assert len(scalars(tmp_path / "twin", "eval/success")) == 2 and 0 <= metrics["eval/success"] <= 1
+
+
+def test_a_batch_of_equal_rewards_trains_only_the_critic(tmp_path: Path) -> None:
+    # A random tiny policy never grasps on the twin: every reward is 0, advantages are noise.
+    # With a separate critic, the policy's adapter then gets no gradient at all.
+    args = twin_args(tmp_path, total_iterations=1, critic="separate")
+    ppo_vla.main(args)
+    run = tmp_path / "twin"
+    assert scalars(run, "rollout/reward_per_step") == [0.0], "precondition: all rewards equal"
+    assert scalars(run, "losses/skipped_policy_steps") == [1.0]
+    fresh = build_agent(image_size=SIZE, critic="separate", seed=args.seed)
+    start = {n: p for n, p in fresh.policy.named_parameters() if "lora_" in n}
+    saved, _ = load_checkpoint(run / "checkpoint")
+    for name, p in saved.policy.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, start[name], rtol=0, atol=0, msg=name)
+    moved = [not torch.equal(p, q) for p, q in zip(saved.value_head_parameters(),
+                                                  fresh.value_head_parameters(), strict=True)]
+    assert all(moved), "the value head still learns"
+    critic_lora = {n: p for n, p in fresh.critic_model.named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(p, critic_lora[n]) for n, p in saved.critic_model.named_parameters()
+               if "lora_B" in n), "and so do the critic's adapters"
+
+
+def test_a_batch_with_reward_differences_trains_the_policy(tmp_path: Path, monkeypatch) -> None:
+    with_move_right_bonus(monkeypatch, ppo_vla)
+    ppo_vla.main(twin_args(tmp_path, total_iterations=1, critic="separate"))
+    run = tmp_path / "twin"
+    assert scalars(run, "losses/skipped_policy_steps") == [0.0]
+    assert sum(v.abs().sum().item() for k, v in adapter(run).items() if "lora_B" in k) > 0
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    straight = toy_args(tmp_path / "a", total_iterations=2, save_every=1, eval_every=0, num_envs=32)
-    ppo_vla.main(straight)
-    first_half = toy_args(tmp_path / "b", total_iterations=1, save_every=1, eval_every=0, num_envs=32)
-    ppo_vla.main(first_half)
-    ppo_vla.main(toy_args(tmp_path / "b", total_iterations=2, save_every=1, eval_every=0, num_envs=32, resume=True))
-    a = load_file(tmp_path / "a/toy/checkpoint/adapter/adapter_model.safetensors")
-    b = load_file(tmp_path / "b/toy/checkpoint/adapter/adapter_model.safetensors")
+    # Iterations end with their episodes (num_steps = horizon): a resumed run starts new
+    # episodes, as the uninterrupted one does.
+    small = dict(num_steps=10, max_episode_steps=10)
+    ppo_vla.main(twin_args(tmp_path / "a", total_iterations=2, **small))
+    ppo_vla.main(twin_args(tmp_path / "b", total_iterations=1, **small))
+    ppo_vla.main(twin_args(tmp_path / "b", total_iterations=2, resume=True, **small))
+    a, b = adapter(tmp_path / "a/twin"), adapter(tmp_path / "b/twin")
     assert a.keys() == b.keys()
     changed = 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
         changed += int(a[k].abs().sum() > 0)
     assert changed > 0, "two PPO iterations should have moved the LoRA weights"
-    _, state = load_checkpoint(tmp_path / "b/toy/checkpoint")
-    assert state["iteration"] == 2
+    head_a = load_file(tmp_path / "a/twin/checkpoint/value_head.safetensors")
+    head_b = load_file(tmp_path / "b/twin/checkpoint/value_head.safetensors")
+    for k in head_a:
+        torch.testing.assert_close(head_a[k], head_b[k], rtol=1e-5, atol=1e-6)
+    _, state = load_checkpoint(tmp_path / "b/twin/checkpoint")
+    assert state["iteration"] == 2 and state["algorithm"] == "ppo"
+
+
+def test_a_resumed_run_logs_one_point_per_iteration(tmp_path: Path, monkeypatch) -> None:
+    """Killed in iteration 4 with its checkpoint at 2 (iteration 3 already logged), then
+    resumed: TensorBoard shows iterations 1-4 once each."""
+    real_make_writer = ppo_vla.make_writer
+
+    def flushing_writer(*a, **kw):  # what a run that logged for a while has on disk
+        writer = real_make_writer(*a, **kw)
+        add_scalar = writer.add_scalar
+
+        def add_and_flush(*b, **kwb):
+            add_scalar(*b, **kwb)
+            writer.flush()
+
+        writer.add_scalar = add_and_flush
+        return writer
+
+    rollouts = []
+
+    class KilledInIteration4(EpisodeLoop):
+        def run(self, *a, **kw):
+            rollouts.append(1)
+            if len(rollouts) == 4:
+                raise KeyboardInterrupt
+            return super().run(*a, **kw)
+
+    args = twin_args(tmp_path, total_iterations=4, save_every=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(ppo_vla, "make_writer", flushing_writer)
+        patch.setattr(ppo_vla, "EpisodeLoop", KilledInIteration4)
+        with pytest.raises(KeyboardInterrupt):
+            ppo_vla.main(args)
+    run = tmp_path / "twin"
+    assert load_checkpoint(run / "checkpoint")[1]["iteration"] == 2
+    (killed_log,) = run.glob("events.out.tfevents.*")
+    orphaned = EventAccumulator(str(killed_log), purge_orphaned_data=False)
+    orphaned.Reload()
+    batch = args.num_envs * args.num_steps
+    assert [e.step for e in orphaned.Scalars("losses/value_loss")] == [batch, 2 * batch, 3 * batch]
+
+    ppo_vla.main(twin_args(tmp_path, total_iterations=4, save_every=2, resume=True))
+    tags = EventAccumulator(str(run))
+    tags.Reload()
+    assert "losses/value_loss" in tags.Tags()["scalars"]
+    for tag in tags.Tags()["scalars"]:
+        steps = [step for step, _ in scalar_events(run, tag)]
+        assert steps == [batch, 2 * batch, 3 * batch, 4 * batch], tag
+
+
+def test_divergence_in_iteration_2_stops_with_one_line_and_keeps_iteration_1(tmp_path: Path) -> None:
+    # One optimizer step per iteration; at lr 1e6 the value head's second step overflows.
+    result = run_cli("ppo_vla.py", "--env", "twin", "--image-size", str(SIZE), "--num-envs", "2",
+                     "--num-steps", "10", "--minibatch-size", "20", "--grad-accum-steps", "1",
+                     "--total-iterations", "5", "--eval-every", "0", "--save-every", "1",
+                     "--value-learning-rate", "1e6", "--device", "cpu", "--output-dir", str(tmp_path),
+                     "--exp-name", "diverged")
+    assert result.returncode == 1
+    assert_one_line_error(result, "grad_norm is inf at iteration 2", "training diverged",
+                          progress_bars=True)
+    agent, state = load_checkpoint(tmp_path / "diverged" / "checkpoint")
+    assert state["iteration"] == 1
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+
+
+def test_a_policy_that_diverged_is_caught_in_the_next_rollout(tmp_path: Path) -> None:
+    # lr 1e6 on the adapters: finite weights after iteration 1, non-finite logits in iteration 2.
+    with pytest.raises(NonFiniteError, match=r"action_logits is (nan|inf) at iteration 2") as info:
+        ppo_vla.main(twin_args(tmp_path, total_iterations=3, minibatch_size=20, learning_rate=1e6))
+    assert "\n" not in str(info.value)
+    assert load_checkpoint(tmp_path / "twin" / "checkpoint")[1]["iteration"] == 1
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    cmd = [sys.executable, "ppo_vla.py", "--split", "toy", "--num-envs", "16", "--num-steps", "1",
-           "--max-episode-steps", "1", "--image-size", "56", "--minibatch-size", "16",
-           "--grad-accum-steps", "1", "--total-iterations", "1000", "--save-every", "1",
-           "--eval-every", "0", "--output-dir", str(tmp_path), "--exp-name", "killed"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    flags = ["--env", "twin", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "5",
+             "--minibatch-size", "10", "--grad-accum-steps", "1", "--save-every", "1",
+             "--eval-every", "0", "--device", "cpu", "--output-dir", str(tmp_path), "--exp-name", "killed"]
+    proc = subprocess.Popen([sys.executable, "ppo_vla.py", *flags, "--total-iterations", "1000"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     checkpoint = tmp_path / "killed/checkpoint"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (checkpoint / "trainer_state.pt").exists():
-        time.sleep(0.5)
-    time.sleep(3)  # let it get a few iterations further, into the middle of one
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (checkpoint / "trainer_state.pt").exists():
+            time.sleep(0.5)
+        time.sleep(3)  # let it get a few iterations further, into the middle of one
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     _, state = load_checkpoint(checkpoint)  # the checkpoint on disk is whole after the kill
     done = state["iteration"]
     assert 1 <= done < 1000
-    args = ppo_vla.Args(split="toy", num_envs=16, num_steps=1, max_episode_steps=1, image_size=56,
-                        minibatch_size=16, grad_accum_steps=1, total_iterations=done + 2, save_every=1,
-                        eval_every=0, output_dir=str(tmp_path), exp_name="killed", resume=True)
-    ppo_vla.main(args)
+    assert not list(checkpoint.parent.glob(".checkpoint.*")), "no temp dir left after loading"
+    ppo_vla.main(twin_args(tmp_path, exp_name="killed", num_steps=5, total_iterations=done + 2, resume=True))
     _, state = load_checkpoint(checkpoint)
     assert state["iteration"] == done + 2
 
 
 @pytest.mark.slow
 def test_short_run_on_maniskill_writes_logs_and_a_loadable_checkpoint(tmp_path: Path) -> None:
-    args = ppo_vla.Args(split="ind", num_envs=2, num_steps=8, max_episode_steps=8, image_size=56,
+    # One env, in this process (worker processes: test_envs.py); two evaluation episodes.
+    args = ppo_vla.Args(split="ind", num_envs=1, num_steps=8, max_episode_steps=8, image_size=SIZE,
                         minibatch_size=4, grad_accum_steps=2, total_iterations=1, eval_every=1,
-                        eval_episodes=2, output_dir=str(tmp_path), exp_name="sim", epochs=1, temperature=1.0)
+                        eval_episodes=2, output_dir=str(tmp_path), exp_name="sim", device="cpu")
     metrics = ppo_vla.main(args)
     assert 0.0 <= metrics["eval/success"] <= 1.0
     assert list((tmp_path / "sim").glob("events.out.tfevents.*"))
     agent, state = load_checkpoint(tmp_path / "sim/checkpoint")
     assert state["iteration"] == 1 and state["algorithm"] == "ppo"
     assert math.isfinite(scalars(tmp_path / "sim", "losses/value_loss")[0])
+    assert np.isfinite(metrics["rollout/episodic_return"])

@@ -1,0 +1,205 @@
+"""Pretrain the tiny OpenVLA on the 2D twin's `pretrain` split and write it in the official
+OpenVLA layout: the laptop-sized stand-in for the pretrained OpenVLA-7B that the study starts from.
+
+OpenVLA was pretrained on ~1M robot episodes before arXiv 2505.19789 fine-tuned it; the twin's
+`pretrain` split plays that part: many objects, its own receptacles, tables and instruction
+templates, one- and two-object scenes, and none of the assets of an OOD split (docs/TWIN.md).
+Every weight is trained (a random base learns far too slowly through LoRA), with OpenVLA's
+loss: cross-entropy on the 7 action tokens. The result loads like the 7B checkpoint:
+
+    make pretrain            # = python pretrain_tiny.py (writes assets/tiny-openvla-twin/)
+    python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
+
+The directory holds config.json (with the norm_stats of the pretraining actions under
+"twin_pretrain"), model.safetensors, the tokenizer files and pretrain_config.json (these flags
+and the measured held-out success), so a test can check the shipped model against its recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cli import parse_cli, require_finite_positive, require_positive
+
+
+@dataclass
+class Args:
+    output: str = "assets/tiny-openvla-twin"
+    """model directory to write (official OpenVLA layout)"""
+    run_dir: str = "runs/pretrain_tiny"
+    """where the resumable training state and TensorBoard logs go"""
+    resume: bool = False
+    """continue an interrupted pretraining from RUN_DIR/state.pt"""
+    seed: int = 0
+    """seed of the weights' training order (the random init itself is fixed, see model.py)"""
+    image_size: int = 64
+    """image size of the model and the renderer"""
+    num_demos: int = 4000
+    """expert demonstrations of the pretrain split to train on"""
+    heldout_demos: int = 64
+    """held-out demonstrations for the validation loss"""
+    demo_dir: str = "demos/twin-pretrain"
+    """where the pretraining demonstrations are stored and reused"""
+    total_steps: int = 6000
+    """optimizer steps"""
+    batch_size: int = 64
+    """frames per step"""
+    learning_rate: float = 1e-3
+    """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)"""
+    warmup_steps: int = 200
+    """steps of linear learning-rate warm-up"""
+    eval_every: int = 500
+    """held-out success rate every K steps (and at the end)"""
+    eval_episodes: int = 128
+    """episodes per evaluation, at temperature 0.6, on pretrain and on multi_object_seen"""
+    save_every: int = 250
+    """write the resumable state every K steps"""
+
+
+def check_args(args: Args) -> None:
+    require_positive(args, "image_size", "num_demos", "heldout_demos", "total_steps", "batch_size",
+                     "warmup_steps", "eval_every", "eval_episodes", "save_every")
+    require_finite_positive(args, "learning_rate")
+
+
+if __name__ == "__main__":
+    ARGS = parse_cli(Args, check_args)  # before the heavy imports: --help answers at once
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common import (
+    ActorCritic,
+    check_finite,
+    evaluate_policy,
+    evaluation_episode_ids,
+    seed_everything,
+)
+from demos import ensure_demos, frames_of
+from envs import default_horizon, make_vec_env
+from model import (
+    ActionTokenizer,
+    NormStats,
+    action_token_loss,
+    build_tiny_vla,
+    prepare_inputs,
+    save_openvla_dir,
+    weights_fingerprint,
+)
+
+UNNORM_KEY = "twin_pretrain"
+
+
+def learning_rate_at(step: int, args: Args) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
+    return args.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, float]:
+    """Held-out success at temperature 0.6 on `pretrain` and `multi_object_seen` (where the
+    instruction decides which of two objects to move: chance is at most 50%)."""
+    agent = ActorCritic(vla, tokenizer, stats, model_path=None, base_fingerprint="", critic=None)
+    rates = {}
+    for split in ("pretrain", "multi_object_seen"):
+        envs = make_vec_env(split, 64, args.image_size, seed=1, env="twin")
+        ids = evaluation_episode_ids(1, split, args.eval_episodes)
+        rates[split] = evaluate_policy(agent.as_policy(0.6), envs, ids).success_rate
+        envs.close()
+    agent.policy.unload()  # take the (untrained, B = 0) adapters out again: vla is as before
+    return rates
+
+
+def main(args: Args) -> dict[str, float]:
+    seed_everything(args.seed)
+    run_dir, output = Path(args.run_dir), Path(args.output)
+    records = ensure_demos(Path(args.demo_dir), {"train": args.num_demos, "heldout": args.heldout_demos},
+                           "twin", "pretrain", args.image_size, default_horizon("twin"), num_envs=64)
+    frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()
+    stats = NormStats(q01=np.quantile(frames.actions, 0.01, axis=0), q99=np.quantile(frames.actions, 0.99, axis=0))
+
+    vla, tokenizer = build_tiny_vla(args.image_size)
+    vla.train()
+    action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
+    tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
+    heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
+    optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
+    batch_rng = np.random.default_rng(args.seed)
+    start_step = 0
+    if args.resume:
+        state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+        vla.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batch_rng.bit_generator.state = state["batch_rng"]
+        start_step = state["step"]
+    writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(start_step, args.total_steps), desc="pretrain", initial=start_step, total=args.total_steps)
+    t0 = time.perf_counter()
+
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, args)
+        index = batch_rng.integers(0, len(frames), size=args.batch_size)
+        inputs = prepare_inputs(vla, tokenizer, frames.read_images(index), [frames.instructions[i] for i in index])
+        loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
+        check_finite(f"step {step + 1}", loss=loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vla.parameters(), 1.0)
+        optimizer.step()
+
+        done = step + 1
+        metrics = {"train/loss": loss.item(), "train/lr": learning_rate_at(step, args),
+                   "train/token_accuracy": float((predicted.numpy() == tokens[index]).mean()),
+                   "time/steps_per_s": (done - start_step) / (time.perf_counter() - t0)}
+        if done % args.eval_every == 0 or done == args.total_steps:
+            vla.eval()
+            with torch.no_grad():
+                index = np.arange(min(len(heldout), 512))
+                inputs = prepare_inputs(vla, tokenizer, heldout.read_images(index),
+                                        [heldout.instructions[i] for i in index])
+                val_loss, _ = action_token_loss(vla, inputs, torch.as_tensor(heldout_tokens[index]))
+            metrics["val/loss"] = val_loss.item()
+            metrics.update({f"eval/{k}": v for k, v in success_rates(vla, tokenizer, stats, args).items()})
+            vla.train()
+            tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success pretrain "
+                       f"{metrics['eval/pretrain']:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, done)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if done % args.save_every == 0 or done == args.total_steps:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": vla.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                        "batch_rng": batch_rng.bit_generator.state}, run_dir / "state.tmp")
+            os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+
+    # ---------------------------------------------------------------- export
+    vla.eval()
+    save_openvla_dir(output, vla, tokenizer, norm_stats={UNNORM_KEY: stats})
+    recipe = {"args": asdict(args), "fingerprint": weights_fingerprint(vla.state_dict()),
+              "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
+              "val_loss": metrics.get("val/loss"), "frames": len(frames)}
+    (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
+    writer.close()
+    print(f"wrote {output} (held-out success: {recipe['success']})")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: the last state is kept in {ARGS.run_dir}; run again with --resume")
