@@ -4,7 +4,7 @@ export VK_ICD_FILENAMES ?= /usr/share/vulkan/icd.d/lvp_icd.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo splits bench clean
+.PHONY: setup test lint demo demo-maniskill study pretrain splits bench clean
 
 setup: .venv/.installed
 	@bash scripts/setup_vulkan.sh
@@ -24,19 +24,35 @@ lint: setup
 test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
 
-# The study at tiny scale: SFT warm-up -> PPO, an SFT baseline, OOD evaluation (scripts/demo.sh).
+# The study at toy scale on the 2D twin, from the shipped pretrained tiny VLA: SFT warm-up ->
+# PPO, an SFT baseline on many demos, GRPO and DPO, then all 16 splits (scripts/demo.sh).
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
+
+# The same study with more seeds and episodes per split (README: its time on this machine).
+study: setup
+	PY=$(PY) STUDY=1 bash scripts/demo.sh
+
+# The pipeline on the real ManiSkill3 task (a random tiny model: it checks the plumbing only).
+demo-maniskill: setup
+	PY=$(PY) bash scripts/demo_maniskill.sh
+
+# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin), ~1-2 h on 2 cores.
+pretrain: setup
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 
 # Every benchmark, one after the other (each prints RESULT lines with ratios measured in one run).
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_sampling.py --threads 1
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_update.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_rollout.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_twin_env.py
+	$(PY) benchmarks/bench_ddp.py
 
 # The expert on every split, as a contact sheet (docs/splits.png).
 splits: setup
-	$(PY) envs.py --split all --episodes 2 --out results/contact_sheet.png
+	$(PY) envs.py --env twin --split all --episodes 2 --out results/twin_splits.png
+	$(PY) envs.py --env maniskill --split all --episodes 2 --out results/maniskill_splits.png
 
 clean:
 	rm -rf runs results demos demo

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import tyro
 
 T = TypeVar("T")
+TINY_PATCH_SIZE = 16  # = model.TINY_PATCH_SIZE (tests check), kept here so cli.py never imports torch
 
 
 def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,
@@ -85,8 +86,8 @@ def check_model_args(args: Any) -> None:
 
     check_split(args.split, args.env)
     require_positive(args, "lora_rank", "lora_alpha", "image_size")
-    if args.image_size is not None and args.model_path is None and args.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8 for the tiny model, "
+    if args.image_size is not None and args.model_path is None and args.image_size % TINY_PATCH_SIZE:
+        raise ValueError(f"--image-size must be a multiple of {TINY_PATCH_SIZE} (the tiny model's patch), "
                          f"got {args.image_size}")
     if args.resume and args.init_checkpoint is not None:
         raise ValueError("--resume continues this run from its own checkpoint; drop "

@@ -652,6 +652,18 @@ def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor,
     return surrogate.mean(), stats
 
 
+def minibatches(size: int, minibatch_size: int, epochs: int, grad_accum_steps: int):
+    """The update schedule of PPO and GRPO: `epochs` shuffled passes over a batch of `size`
+    samples, in minibatches; yields (indices [<= minibatch_size], step) where step says that
+    grad_accum_steps minibatches (or the pass's last) have been accumulated: take an optimizer
+    step after this one's backward."""
+    for _epoch in range(epochs):
+        order = torch.randperm(size)
+        starts = range(0, size, minibatch_size)
+        for k, start in enumerate(starts):
+            yield order[start:start + minibatch_size], (k + 1) % grad_accum_steps == 0 or k + 1 == len(starts)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                    max_grad_norm: float, where: str) -> float:
     """Average the accumulated gradients across ranks, clip them, stop if they are not finite,
@@ -672,14 +684,33 @@ CHECKPOINT_FILES = ("config.json", "norm_stats.json", "trainer_state.pt",
                     "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
 
+def writer_is_gone(leftover: Path) -> bool:
+    """A temp dir is named .NAME.PID.XXXX.tmp: is the process that was writing it gone? (So a
+    load never deletes what a live run is saving.)"""
+    try:
+        pid = int(leftover.name.split(".")[2])
+        if pid == os.getpid():  # this process is not saving while it cleans up
+            return True
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 def clean_stale_temp_dirs(path: Path) -> None:
-    """Tidy what an interrupted save left beside `path`: temp dirs are deleted, and if the swap
-    was cut between its two renames (no `path`, an intact `.NAME.*.old`), the old one is put back."""
+    """Tidy what an interrupted save left beside `path`: temp dirs of dead writers are deleted,
+    and if a swap was cut between its two renames (no `path`, an intact `.NAME.*.old`), the old
+    checkpoint is put back."""
     if not path.parent.is_dir():
         return
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer_is_gone(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(path.parent.glob(f".{path.name}.*.old")):
+        if not writer_is_gone(old):
+            continue
         if not path.exists() and all((old / name).exists() for name in CHECKPOINT_FILES):
             old.rename(path)
         else:
@@ -700,7 +731,7 @@ def save_checkpoint(path: str | Path, agent: ActorCritic, state: dict[str, Any])
                                  f"the previous checkpoint is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         # save_embedding_layers=False: LoRA on lm_head must not drag the base lm_head along.
         agent.policy.save_pretrained(tmp / "adapter", save_embedding_layers=False)
@@ -978,6 +1009,45 @@ def evaluate_during_training(agent: ActorCritic, envs: Any, args: Any,
     if loop is not None:
         loop.restart()
     return {"eval/success": global_mean(outcome.success), "eval/return": global_mean(outcome.returns)}
+
+
+def iteration_metrics(rollout: Rollout, batch_size: int, rollout_time: float, update_time: float,
+                      device: torch.device) -> dict[str, float]:
+    """What every RL iteration logs about its rollout (global means over ranks; nan when no
+    episode ended in it) and its cost."""
+    return {
+        "rollout/success": global_mean(rollout.episode_success),
+        "rollout/success_once": global_mean(rollout.episode_success_once),
+        "rollout/episodic_return": global_mean(rollout.episode_returns),
+        "time/env_steps_per_s": batch_size / rollout_time,
+        "time/rollout_s": rollout_time,
+        "time/update_s": update_time,
+        "memory/peak_gb": peak_memory_gb(device),
+    }
+
+
+def show_progress(bar: Any, metrics: dict[str, float]) -> None:
+    """The progress bar's postfix: return, success, approx KL and env-steps/s of the iteration."""
+    bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
+                    kl=f"{metrics.get('losses/approx_kl', float('nan')):.3f}",
+                    sps=f"{metrics['time/env_steps_per_s']:.0f}", refresh=False)
+
+
+def finish_iteration(args: Any, agent: ActorCritic, envs: Any, loop: EpisodeLoop, writer: Any,
+                     metrics: dict[str, float], iteration: int, global_step: int,
+                     state: dict[str, Any]) -> None:
+    """The tail of an RL iteration (1-based): evaluate every --eval-every iterations and at the
+    last, log every metric at global_step, checkpoint every --save-every and at the last."""
+    last = iteration == args.total_iterations
+    if args.eval_every > 0 and (iteration % args.eval_every == 0 or last):
+        metrics.update(evaluate_during_training(agent, envs, args, loop))
+        if world_info()[0] == 0:
+            print(f"iteration {iteration}: eval success {metrics['eval/success']:.3f}", file=sys.stderr)
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, global_step)
+    if iteration % args.save_every == 0 or last:
+        save_run(args, agent, {**state, "iteration": iteration})
 
 
 def save_run(args: Any, agent: ActorCritic, state: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import EpisodeLoop, expert_policy
+from common import ActOutput, EpisodeLoop, expert_policy
 from envs import MAX_EPISODE_ID, make_vec_env
 
 ROLES = ("train", "heldout")
@@ -71,18 +71,37 @@ def drop_idle_steps(actions: np.ndarray, min_translation: float = MIN_TRANSLATIO
     return np.flatnonzero(moves | turns | (gripper != previous))
 
 
-def collect_expert_demos(envs: Any, episode_ids: np.ndarray, success_steps: int = 6) -> list[Demo]:
+def collect_expert_demos(envs: Any, episode_ids: np.ndarray, success_steps: int = 6,
+                         action_noise: float = 0.0, rng: np.random.Generator | None = None) -> list[Demo]:
     """The expert from the given initial states, one demonstration per env: each cut once it has
     been successful `success_steps` steps in a row, idle steps dropped. A failed episode comes
-    back whole (its last success is False)."""
+    back whole (its last success is False).
+
+    action_noise > 0 (DART, Laskey et al. 2017): on 30% of the steps the executed motion gets
+    Gaussian noise of this std (action units) while the demonstration records the expert's
+    own action, so the data shows how to recover from overshooting and drifting, states that
+    clean demonstrations never visit and a cloned policy then cannot get out of.
+    """
     streak = np.zeros(envs.num_envs, dtype=int)
+    labels: list[np.ndarray] = []
+    rng = rng or np.random.default_rng(0)
+
+    def noisy_expert(obs: dict) -> ActOutput:
+        action = np.asarray(envs.expert_action(), dtype=np.float32)
+        labels.append(action)
+        jolt = rng.normal(0.0, action_noise, (len(action), 6)) * (rng.random((len(action), 1)) < 0.3)
+        return ActOutput(np.concatenate([np.clip(action[:, :6] + jolt, -1, 1), action[:, 6:]], 1)
+                         .astype(np.float32))
 
     def all_held_long_enough(info: dict) -> bool:  # stop early: the rest would be cut anyway
         streak[:] = np.where(info["success"], streak + 1, 0)
         return bool((streak >= success_steps).all())
 
     loop = EpisodeLoop(envs, lambda: episode_ids)
-    rollout = loop.run(expert_policy(envs), envs.max_episode_steps, stop=all_held_long_enough)
+    policy = noisy_expert if action_noise > 0 else expert_policy(envs)
+    rollout = loop.run(policy, envs.max_episode_steps, stop=all_held_long_enough)
+    if action_noise > 0:
+        rollout.actions = np.stack(labels)  # learn the expert's actions, not the executed ones
     images = np.concatenate([rollout.images.numpy(), rollout.final_images[None]])  # [T + 1, N, ...]
     demos = []
     for n in range(envs.num_envs):
@@ -209,14 +228,14 @@ def missing_slots(records: list[dict[str, Any]], count: int) -> list[int]:
 
 def ensure_demos(demo_dir: Path, wanted: dict[str, int], env: str, split: str, image_size: int,
                  max_episode_steps: int, seed: int = 0, num_envs: int = 8,
-                 success_steps: int = 6) -> dict[str, list[dict[str, Any]]]:
+                 success_steps: int = 6, action_noise: float = 0.0) -> dict[str, list[dict[str, Any]]]:
     """At least wanted[role] successful demonstrations of each set on disk -> their records,
     by slot. Each chunk is written the moment it finishes: an interruption loses at most the
     chunk in flight, and the next run continues from there."""
     env_info = {"env_id": ENV_IDS[env], "max_episode_steps": max_episode_steps, "control_mode":
                 "pd_ee_delta_pose" if env == "maniskill" else "delta_xy_gripper",
                 "env_kwargs": {"env": env, "split": split, "image_size": image_size},
-                "steps_after_success": success_steps, "demo_seed": seed}
+                "steps_after_success": success_steps, "demo_seed": seed, "action_noise": action_noise}
     check_manifest(demo_dir, env_info)
     result, envs = {}, None
     try:
@@ -248,7 +267,8 @@ def collect_set(envs: Any, demo_dir: Path, role: str, records: list[dict[str, An
             for first in range(0, len(for_round), envs.num_envs):
                 slots = for_round[first:first + envs.num_envs]
                 ids = np.resize(episode_ids_of(slots, seed, role), envs.num_envs)  # pad a short chunk
-                demos = collect_expert_demos(envs, ids, success_steps)[:len(slots)]
+                demos = collect_expert_demos(envs, ids, success_steps, env_info["action_noise"],
+                                             np.random.default_rng([seed, ROLES.index(role), slots[0]]))[:len(slots)]
                 write_chunk(demo_dir, role, slots, demos, env_info)
                 records += [{"slot": s, "success": d.succeeded} for s, d in zip(slots, demos, strict=True)]
                 new = sum(d.succeeded for d in demos)

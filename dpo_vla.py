@@ -14,8 +14,7 @@ computed once, when the pairs are collected, and stored with them. One round (th
 the study's offline DPO. With --rounds R > 1 the current policy collects fresh pairs after each
 round (iterative DPO) and becomes the next round's reference.
 
-    python dpo_vla.py --init-checkpoint runs/sft_warmup/checkpoint                   # paper setting
-    python dpo_vla.py twin --init-checkpoint runs/sft_warmup/checkpoint              # README's twin run
+    python dpo_vla.py twin --init-checkpoint runs/sft_warmup_twin/checkpoint   # README's twin run
     python dpo_vla.py --init-checkpoint ... --pairs-from runs/dpo_vla/preferences/round_001.pt --beta 0.3
 
 Reads top to bottom like ppo_vla.py: set-up, then per round
@@ -64,7 +63,7 @@ class Args:
     lora_alpha: int | None = None
     """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    """image size of the model and renderer; default: the model's (tiny 64, OpenVLA 224)"""
     # --- environment
     env: Literal["maniskill", "twin"] = "maniskill"
     """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
@@ -73,7 +72,7 @@ class Args:
     num_envs: int = 64
     """parallel environments per rank for collection and evaluation (paper: 64)"""
     max_episode_steps: int | None = None
-    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36)"""
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 30)"""
     # --- preference data
     num_states: int = 64
     """initial states (episode ids) drawn per round, over all ranks"""
@@ -84,8 +83,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of the collection rollouts (as PPO's); the loss always uses 1.0"""
     pairs_from: str | None = None
-    """train round 1 on the pairs in this file (a round_NNN.pt another run saved) instead of
-    collecting them: e.g. a --beta sweep on one offline data set"""
+    """train round 1 on these saved pairs (another run's round_NNN.pt), e.g. for a --beta sweep"""
     # --- DPO
     rounds: int = 1
     """collect-then-train rounds: 1 is the study's offline DPO; more = iterative DPO"""
@@ -170,14 +168,11 @@ from common import (
 from envs import MAX_EPISODE_ID, make_vec_env
 
 
-def dpo_loss(
-    policy_chosen: torch.Tensor,  # [P], log pi(c): summed action log-probs of each chosen trajectory
-    policy_rejected: torch.Tensor,  # [P], log pi(r)
-    ref_chosen: torch.Tensor,  # [P], log ref(c)
-    ref_rejected: torch.Tensor,  # [P], log ref(r)
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss [P] and the implicit rewards beta * log(pi / ref) of chosen and rejected [P].
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss [P] and the implicit rewards beta * log(pi / ref) of chosen and rejected [P],
+    from the summed action log-probs [P] of each pair's chosen (c) and rejected (r) trajectory
+    under the policy (log pi) and the reference (log ref).
 
     At the reference both rewards are 0 and the loss is log 2; it falls toward 0 as the chosen
     trajectory gains probability relative to the rejected one. logsigmoid (not log(sigmoid))
@@ -260,8 +255,8 @@ def collect_preferences(agent, envs, args: Args, state_ids: np.ndarray, seed: in
     # Scored by the same teacher-forced forward as the policy in training (not the rollout's
     # log-probs), so the two agree exactly before the first update: the loss starts at log 2.
     data["ref_logprobs"] = trajectory_logprobs(agent, data, torch.arange(len(kept)), args.chunk_size)
-    data["stats"] = {"episodes": len(success), "success_rate": success.float().mean().item(),
-                     "states_with_pairs": len(torch.unique(episode_ids[kept[pairs[:, 0]]])) if len(pairs) else 0}
+    with_pairs = len(torch.unique(episode_ids[kept[pairs[:, 0]]])) if len(pairs) else 0
+    data["stats"] = {"success_rate": success.float().mean().item(), "states_with_pairs": with_pairs}
     return data
 
 
@@ -314,8 +309,7 @@ def dpo_update(agent, data: dict, pair_batch: torch.Tensor, args: Args, where: s
     return {
         "losses/loss": losses.mean().item(),
         "rewards/accuracy": (margins > 0).float().mean().item(),  # the policy prefers the chosen one
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
         "rewards/margin": margins.mean().item(),
         # DPO only ranks: both log-probs may fall while the margin grows; these show whether they do.
         "logps/chosen": policy[chosen].mean().item(),
@@ -347,7 +341,6 @@ def main(args: Args) -> dict[str, float]:
         metrics["eval/reference_success"] = evaluate_during_training(agent, envs, args)["eval/success"]
         if writer is not None:
             writer.add_scalar("eval/success", metrics["eval/reference_success"], 0)
-            tqdm.write(f"reference policy: eval success {metrics['eval/reference_success']:.3f}")
 
     for round_index in tqdm(range(start_round, args.rounds), desc="DPO rounds", initial=start_round,
                             total=args.rounds, disable=rank > 0):
@@ -355,9 +348,9 @@ def main(args: Args) -> dict[str, float]:
         t0 = time.perf_counter()
         state_ids = rank_slice(state_rng.integers(0, MAX_EPISODE_ID, args.num_states))
         path = run_dir(args) / "preferences" / f"round_{round_index + 1:03d}{f'_rank{rank}' if world > 1 else ''}.pt"
-        if round_index == 0 and args.pairs_from is not None:
+        if round_index == 0 and args.pairs_from is not None:  # ranks share the pairs out
             data = load_pairs(Path(args.pairs_from), args, agent.image_size)
-            data["pairs"] = torch.as_tensor(rank_slice(data["pairs"].numpy()))  # ranks share them out
+            data["pairs"] = torch.as_tensor(rank_slice(data["pairs"].numpy()))
         elif args.resume and path.exists():  # this run collected them before it was killed
             data = load_pairs(path, args, agent.image_size)
         else:
@@ -372,12 +365,10 @@ def main(args: Args) -> dict[str, float]:
         counts = torch.tensor([float(num_pairs)])
         if world > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        if counts.item() == 0 and rank == 0:
-            tqdm.write(f"round {round_index + 1}: no preference pairs (success rate "
-                       f"{data['stats']['success_rate']:.3f}: no state had both a success and a failure); "
-                       f"skipping the update. Start from a better policy, or raise --rollouts-per-state.")
-        # Every rank takes the same number of steps (the most pairs of any rank); a rank that
-        # has run out adds an empty batch, so no all-reduce waits forever.
+        if counts.item() == 0 and rank == 0:  # e.g. a policy that always fails (or always succeeds)
+            tqdm.write(f"round {round_index + 1}: no state had both a success and a failure, so no pairs: "
+                       f"skipping the update (start from a better policy, or raise --rollouts-per-state)")
+        # Every rank takes as many steps as the rank with most pairs (then empty batches): no hang.
         per_rank_batch = max(1, args.pairs_per_batch // world)
         steps = args.epochs * -(-int(counts.item()) // per_rank_batch)
         shuffle = torch.Generator().manual_seed(args.seed * 1000 + round_index)
@@ -410,8 +401,8 @@ def main(args: Args) -> dict[str, float]:
         if args.eval_every > 0 and ((round_index + 1) % args.eval_every == 0 or last):
             metrics.update(evaluate_during_training(agent, envs, args))
             if rank == 0:
-                tqdm.write(f"round {round_index + 1}: {metrics['data/pairs']:.0f} pairs, "
-                           f"eval success {metrics['eval/success']:.3f}")
+                tqdm.write(f"round {round_index + 1}: {metrics['data/pairs']:.0f} pairs, eval success "
+                           f"{metrics['eval/success']:.3f} (reference {metrics.get('eval/reference_success', 'n/a')})")
         if writer is not None:
             for k, v in metrics.items():
                 if not k.startswith(("losses/", "rewards/", "logps/")):  # those are per optimizer step

@@ -53,7 +53,7 @@ class Args:
     image_size: int | None = None
     """rendered image size; default: the model's input size"""
     max_episode_steps: int | None = None
-    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36)"""
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 30)"""
     video: int = 0
     """save videos of the first N episodes of every split (first seed only); 0 = none"""
     paper_columns: bool = True

@@ -60,7 +60,7 @@ class Args:
     lora_alpha: int | None = None
     """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    """image size of the model and renderer; default: the model's (tiny 64, OpenVLA 224)"""
     # --- environment
     env: Literal["maniskill", "twin"] = "maniskill"
     """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
@@ -71,7 +71,7 @@ class Args:
     group_size: int = 8
     """G: environments per group, all started from the same episode id (not given in the paper)"""
     max_episode_steps: int | None = None
-    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36).
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 30).
     Each iteration plays one whole episode per env"""
     # --- GRPO (paper defaults where it gives them)
     total_iterations: int = 400
@@ -137,21 +137,22 @@ from common import (
     EpisodeLoop,
     check_finite,
     clipped_policy_loss,
-    evaluate_during_training,
+    finish_iteration,
     global_mean,
     init_distributed,
+    iteration_metrics,
     make_agent,
     make_writer,
+    minibatches,
     optimizer_step,
-    peak_memory_gb,
     rank_slice,
     resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
     run_script,
-    save_run,
     seed_everything,
+    show_progress,
 )
 from envs import MAX_EPISODE_ID, make_vec_env
 
@@ -200,35 +201,27 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
                 where: str) -> dict[str, list[float]]:
     """One GRPO update over a flat batch: the clipped surrogate with trajectory advantages,
     plus kl_coef x KL to the reference; gradients averaged over minibatches and ranks."""
-    size = len(batch["logprobs"])
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac",
                                                      "grad_norm", "kl_ref")}
-    accumulated = 0
-    for _epoch in range(args.epochs):
-        order = torch.randperm(size)
-        for start in range(0, size, args.minibatch_size):
-            mb = order[start:start + args.minibatch_size]
-            images, instructions, tokens = batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb]
-            new_logprob, entropy, _ = agent.score_actions(images, instructions, tokens, temperature=args.temperature)
-            device = new_logprob.device
-            pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
-                                                    batch["advantages"][mb].to(device), args.clip_coef)
-            loss = pg_loss
-            if args.kl_coef > 0:  # the same forward with the starting adapters swapped in
-                ref_logprob = agent.reference_logprob(images, instructions, tokens, temperature=args.temperature)
-                kl = kl_to_reference(new_logprob, ref_logprob.to(device)).mean()
-                loss = loss + args.kl_coef * kl
-                stats["kl_ref"].append(kl.item())
-            check_finite(where, policy_loss=loss)
-            # Scale so that accumulated gradients average over the minibatches of one step.
-            (loss / args.grad_accum_steps).backward()
-            accumulated += 1
-            if accumulated == args.grad_accum_steps or start + args.minibatch_size >= size:
-                stats["grad_norm"].append(optimizer_step(optimizer, agent.lora_parameters(),
-                                                         args.max_grad_norm, where))
-                accumulated = 0
-            for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
-                stats[k].append(v)
+    for mb, step in minibatches(len(batch["logprobs"]), args.minibatch_size, args.epochs, args.grad_accum_steps):
+        images, instructions, tokens = batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb]
+        new_logprob, entropy, _ = agent.score_actions(images, instructions, tokens, temperature=args.temperature)
+        device = new_logprob.device
+        pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
+                                                batch["advantages"][mb].to(device), args.clip_coef)
+        loss = pg_loss
+        if args.kl_coef > 0:  # the same forward with the starting adapters swapped in
+            ref_logprob = agent.reference_logprob(images, instructions, tokens, temperature=args.temperature)
+            kl = kl_to_reference(new_logprob, ref_logprob.to(device)).mean()
+            loss = loss + args.kl_coef * kl
+            stats["kl_ref"].append(kl.item())
+        check_finite(where, policy_loss=loss)
+        # Scale so that accumulated gradients average over the minibatches of one step.
+        (loss / args.grad_accum_steps).backward()
+        if step:
+            stats["grad_norm"].append(optimizer_step(optimizer, agent.lora_parameters(), args.max_grad_norm, where))
+        for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
+            stats[k].append(v)
     return stats
 
 
@@ -284,35 +277,16 @@ def main(args: Args) -> dict[str, float]:
         stats = grpo_update(agent, optimizer, batch, args, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
-        # ------------------------------------------------------------ logging (global means)
+        # ------------------------------------------------------------ logging, evaluation, checkpoint
         metrics = {
-            "rollout/success": global_mean(rollout.episode_success),
-            "rollout/success_once": global_mean(rollout.episode_success_once),
-            "rollout/episodic_return": global_mean(rollout.episode_returns),
+            **iteration_metrics(rollout, batch_size, rollout_time, update_time, device),
             **{f"grpo/{k}": global_mean([v]) for k, v in group_stats.items()},
             **{f"losses/{k}": global_mean(np.array(v)) for k, v in stats.items() if v},
-            "time/env_steps_per_s": batch_size / rollout_time,
-            "time/rollout_s": rollout_time,
-            "time/update_s": update_time,
-            "memory/peak_gb": peak_memory_gb(device),
         }
-        bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
-                        kl=f"{metrics['losses/approx_kl']:.3f}", sps=f"{metrics['time/env_steps_per_s']:.0f}",
-                        refresh=False)
-
-        # ------------------------------------------------------------ evaluation and checkpoint
-        last = iteration + 1 == args.total_iterations
-        if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            metrics.update(evaluate_during_training(agent, envs, args, loop))
-            if rank == 0:
-                tqdm.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
-        if (iteration + 1) % args.save_every == 0 or last:
-            save_run(args, agent, {"optimizer": optimizer.state_dict(), "iteration": iteration + 1,
-                                   "episode_rng": episode_rng.bit_generator.state,
-                                   "reference_lora": agent.reference_lora, "algorithm": "grpo"})
+        show_progress(bar, metrics)
+        finish_iteration(args, agent, envs, loop, writer, metrics, iteration + 1, global_step, {
+            "optimizer": optimizer.state_dict(), "episode_rng": episode_rng.bit_generator.state,
+            "reference_lora": agent.reference_lora, "algorithm": "grpo"})
 
     envs.close()
     if writer is not None:

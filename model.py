@@ -62,7 +62,8 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 PRESETS = ("tiny", "openvla-7b")
 CRITIC_MODES = ("h0", "last", "concat", "separate")
 OPENVLA_IMAGE_SIZE = 224  # both towers of OpenVLA-7B take 224 px images
-TINY_IMAGE_SIZE = 112  # 112 px / patch 14 = 8 x 8 = 64 patches per tower
+TINY_IMAGE_SIZE = 64  # 64 px / patch 16 = 4 x 4 = 16 patches per tower (README: learnability)
+TINY_PATCH_SIZE = 16
 TINY_BASE_SEED = 20250519  # fixed: every tiny base is identical, so any saved LoRA fits any run
 
 
@@ -179,18 +180,23 @@ def padded_vocab_size(text_vocab_size: int, multiple: int = 64) -> int:
 
 
 def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
-    """The same modules as OpenVLA-7B at toy width and depth: 1.87M weights (7B: 7.54B)."""
+    """The same modules as OpenVLA-7B at toy width and depth: ~1.5M weights (7B: 7.54B).
+
+    Sized for learning on a 2-core CPU (README, "What it took to learn"): the language model's
+    cost grows with its sequence, so 16 patches of 16 px (the 7B has 256 of 14 px), and width
+    96 (twice the samples/s of 128 at the same held-out accuracy on the twin).
+    """
     return VLAConfig(
         timm_model_ids=[DINOV2_TIMM_ID, SIGLIP_TIMM_ID],
-        timm_model_kwargs=[
-            dict(embed_dim=64, depth=3, num_heads=2),  # DINOv2-L: 1024 wide, 24 deep
-            dict(embed_dim=96, depth=3, num_heads=2),  # SigLIP-So400m: 1152 wide, 27 deep
+        timm_model_kwargs=[  # DINOv2-L: 1024 wide, 24 deep; SigLIP-So400m: 1152 wide, 27 deep
+            dict(embed_dim=64, depth=3, num_heads=2, patch_size=TINY_PATCH_SIZE),
+            dict(embed_dim=96, depth=3, num_heads=2, patch_size=TINY_PATCH_SIZE),
         ],
         image_sizes=[image_size, image_size],
         text_config=dict(
             vocab_size=padded_vocab_size(text_vocab_size),
-            hidden_size=128,  # Llama-2-7B: 4096, 11008, 32 layers, 32 heads
-            intermediate_size=344,
+            hidden_size=96,  # Llama-2-7B: 4096, 11008, 32 layers, 32 heads
+            intermediate_size=256,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -605,7 +611,29 @@ def build_tiny_vla(image_size: int | None = None) -> tuple[OpenVLA, PreTrainedTo
         torch.manual_seed(TINY_BASE_SEED)
         vla = OpenVLA(config)
         smooth_action_rows(vla, ActionTokenizer(tokenizer.vocab_size))
+        grid_position_embeddings(vla)
     return vla.eval(), tokenizer
+
+
+@torch.no_grad()
+def grid_position_embeddings(vla: OpenVLA) -> None:
+    """Give each tower's patch position embeddings a 2D sine-cosine pattern (MAE's fixed
+    embedding) instead of timm's random init (std 0.02), for the random tiny base only.
+
+    The language model sees the patches in raster order with 1D rotary positions, from which a
+    patch's row is easy to read (index // width) and its column is not (index % width): with
+    near-zero random position embeddings the tiny VLA learned dy far faster than dx on the twin
+    (held-out token accuracy 0.97 against 0.91 after 2,000 steps). Learned on from here.
+    """
+    for vit in (vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer):
+        side = round(vit.patch_embed.num_patches ** 0.5)
+        dim = vit.pos_embed.shape[-1]
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        quarter = dim // 4
+        omega = 1.0 / 100.0 ** (torch.arange(quarter) / max(1, quarter - 1))  # [D / 4]
+        angles = [pos.flatten()[:, None].float() * omega[None] for pos in (cols, rows)]  # [P, D / 4]
+        table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # [P, D]
+        vit.pos_embed[0, -side * side:, :table.shape[1]] = table
 
 
 @torch.no_grad()

@@ -61,7 +61,7 @@ class Args:
     lora_alpha: int | None = None
     """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    """image size of the model and renderer; default: the model's (tiny 64, OpenVLA 224)"""
     # --- environment
     env: Literal["maniskill", "twin"] = "maniskill"
     """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
@@ -72,7 +72,7 @@ class Args:
     num_steps: int = 80
     """steps per env per iteration (paper: 80); episodes continue across iterations"""
     max_episode_steps: int | None = None
-    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 36)"""
+    """episode horizon, no early termination; default the env's (ManiSkill 80, twin 30)"""
     # --- PPO (paper defaults)
     total_iterations: int = 400
     """PPO iterations; the paper's ~2M env steps are ~400 x 64 envs x 80 steps"""
@@ -158,22 +158,23 @@ from common import (
     Rollout,
     check_finite,
     clipped_policy_loss,
-    evaluate_during_training,
+    finish_iteration,
     global_mean,
     global_mean_std,
     init_distributed,
+    iteration_metrics,
     make_agent,
     make_writer,
+    minibatches,
     optimizer_step,
-    peak_memory_gb,
     rank_slice,
     resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
     run_script,
-    save_run,
     seed_everything,
+    show_progress,
 )
 from envs import MAX_EPISODE_ID, make_vec_env
 
@@ -229,39 +230,32 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
     """One PPO update over a flat batch (b = t * N + n): `epochs` passes of shuffled minibatches,
     gradients accumulated over grad_accum_steps minibatches per optimizer step and averaged
     across ranks. train_policy False: the value loss only (a batch without reward signal)."""
-    size = len(batch["logprobs"])
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
                                                      "clipfrac", "grad_norm")}
-    accumulated = 0
-    for _epoch in range(args.epochs):
-        order = torch.randperm(size)
-        for start in range(0, size, args.minibatch_size):
-            mb = order[start:start + args.minibatch_size]
-            new_logprob, entropy, new_value = agent.score_actions(
-                batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb],
-                temperature=args.temperature)
-            device = new_logprob.device
-            pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
-                                                    batch["advantages"][mb].to(device), args.clip_coef)
-            v_loss = clipped_value_loss(new_value, batch["values"][mb].to(device),
-                                        batch["returns"][mb].to(device), args.vf_clip_coef, args.huber_delta)
-            if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
-                optimizer.zero_grad(set_to_none=True)  # moved too far from the rollout policy
-                return stats
-            loss = args.vf_coef * v_loss
-            if train_policy:
-                loss = loss + pg_loss - args.ent_coef * entropy.mean()
-            check_finite(where, policy_loss=pg_loss, value_loss=v_loss)
-            # Scale so that accumulated gradients average over the minibatches of one step.
-            (loss / args.grad_accum_steps).backward()
-            accumulated += 1
-            if accumulated == args.grad_accum_steps or start + args.minibatch_size >= size:
-                stats["grad_norm"].append(optimizer_step(optimizer, agent.trainable_parameters(),
-                                                         args.max_grad_norm, where))
-                accumulated = 0
-            for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
-                         ("entropy", entropy.mean().item()), *pg_stats.items()):
-                stats[k].append(v)
+    for mb, step in minibatches(len(batch["logprobs"]), args.minibatch_size, args.epochs, args.grad_accum_steps):
+        new_logprob, entropy, new_value = agent.score_actions(
+            batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb],
+            temperature=args.temperature)
+        device = new_logprob.device
+        pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
+                                                batch["advantages"][mb].to(device), args.clip_coef)
+        v_loss = clipped_value_loss(new_value, batch["values"][mb].to(device),
+                                    batch["returns"][mb].to(device), args.vf_clip_coef, args.huber_delta)
+        if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
+            optimizer.zero_grad(set_to_none=True)  # moved too far from the rollout policy
+            return stats
+        loss = args.vf_coef * v_loss
+        if train_policy:
+            loss = loss + pg_loss - args.ent_coef * entropy.mean()
+        check_finite(where, policy_loss=pg_loss, value_loss=v_loss)
+        # Scale so that accumulated gradients average over the minibatches of one step.
+        (loss / args.grad_accum_steps).backward()
+        if step:
+            stats["grad_norm"].append(optimizer_step(optimizer, agent.trainable_parameters(),
+                                                     args.max_grad_norm, where))
+        for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
+                     ("entropy", entropy.mean().item()), *pg_stats.items()):
+            stats[k].append(v)
     return stats
 
 
@@ -327,38 +321,18 @@ def main(args: Args) -> dict[str, float]:
         stats = ppo_update(agent, optimizer, batch, args, train_policy, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
-        # ------------------------------------------------------------ logging (global means)
+        # ------------------------------------------------------------ logging, evaluation, checkpoint
         metrics = {
-            # nan when no episode ended in this rollout (num_steps < horizon)
-            "rollout/success": global_mean(rollout.episode_success),
-            "rollout/success_once": global_mean(rollout.episode_success_once),
-            "rollout/episodic_return": global_mean(rollout.episode_returns),
+            **iteration_metrics(rollout, batch_size, rollout_time, update_time, device),
             "rollout/reward_per_step": global_mean(rollout.rewards.numpy()),
             **{f"losses/{k}": global_mean(np.array(v)) for k, v in stats.items()},
             "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
             "losses/skipped_policy_steps": float(skipped),
-            "time/env_steps_per_s": batch_size / rollout_time,
-            "time/rollout_s": rollout_time,
-            "time/update_s": update_time,
-            "memory/peak_gb": peak_memory_gb(device),
         }
-        bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
-                        kl=f"{metrics['losses/approx_kl']:.3f}", sps=f"{metrics['time/env_steps_per_s']:.0f}",
-                        refresh=False)
-
-        # ------------------------------------------------------------ evaluation and checkpoint
-        last = iteration + 1 == args.total_iterations
-        if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            metrics.update(evaluate_during_training(agent, envs, args, loop))
-            if rank == 0:
-                tqdm.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
-        if (iteration + 1) % args.save_every == 0 or last:
-            save_run(args, agent, {"optimizer": optimizer.state_dict(), "iteration": iteration + 1,
-                                   "episode_rng": episode_rng.bit_generator.state,
-                                   "skipped_policy_steps": skipped, "algorithm": "ppo"})
+        show_progress(bar, metrics)
+        finish_iteration(args, agent, envs, loop, writer, metrics, iteration + 1, global_step, {
+            "optimizer": optimizer.state_dict(), "episode_rng": episode_rng.bit_generator.state,
+            "skipped_policy_steps": skipped, "algorithm": "ppo"})
 
     envs.close()
     if writer is not None:

@@ -34,21 +34,24 @@ class Args:
     """seed of the weights' training order (the random init itself is fixed, see model.py)"""
     image_size: int = 64
     """image size of the model and the renderer"""
-    num_demos: int = 4000
+    num_demos: int = 6000
     """expert demonstrations of the pretrain split to train on"""
     heldout_demos: int = 64
     """held-out demonstrations for the validation loss"""
+    action_noise: float = 0.3
+    """std of the noise the expert's executed moves get on 30% of the steps (DART): the data
+    then shows recoveries, not only perfect paths (demos.collect_expert_demos)"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    total_steps: int = 6000
+    total_steps: int = 24000
     """optimizer steps"""
     batch_size: int = 64
     """frames per step"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)"""
     warmup_steps: int = 200
     """steps of linear learning-rate warm-up"""
-    eval_every: int = 500
+    eval_every: int = 2000
     """held-out success rate every K steps (and at the end)"""
     eval_episodes: int = 128
     """episodes per evaluation, at temperature 0.6, on pretrain and on multi_object_seen"""
@@ -75,14 +78,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common import (
     ActorCritic,
+    all_reduce_gradients,
     check_finite,
     evaluate_policy,
     evaluation_episode_ids,
+    init_distributed,
     seed_everything,
 )
 from demos import ensure_demos, frames_of
@@ -118,15 +124,23 @@ def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, flo
         ids = evaluation_episode_ids(1, split, args.eval_episodes)
         rates[split] = evaluate_policy(agent.as_policy(0.6), envs, ids).success_rate
         envs.close()
-    agent.policy.unload()  # take the (untrained, B = 0) adapters out again: vla is as before
+    agent.policy.unload()  # take the (untrained, B = 0) adapters out again: vla is as before,
+    vla.requires_grad_(True)  # except that peft froze it
     return rates
 
 
 def main(args: Args) -> dict[str, float]:
-    seed_everything(args.seed)
+    rank, world, _ = init_distributed()  # `make pretrain` runs 2 ranks: one per core
+    seed_everything(args.seed + rank)
     run_dir, output = Path(args.run_dir), Path(args.output)
-    records = ensure_demos(Path(args.demo_dir), {"train": args.num_demos, "heldout": args.heldout_demos},
-                           "twin", "pretrain", args.image_size, default_horizon("twin"), num_envs=64)
+    wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
+    if rank == 0:  # rank 0 collects, the others read what it wrote
+        ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
+                     num_envs=64, action_noise=args.action_noise)
+    if world > 1:
+        dist.barrier()
+    records = ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size,
+                           default_horizon("twin"), action_noise=args.action_noise)
     frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()
     stats = NormStats(q01=np.quantile(frames.actions, 0.01, axis=0), q99=np.quantile(frames.actions, 0.99, axis=0))
 
@@ -136,28 +150,31 @@ def main(args: Args) -> dict[str, float]:
     tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
     optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
-    batch_rng = np.random.default_rng(args.seed)
+    batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
     start_step = 0
     if args.resume:
         state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
         vla.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        batch_rng.bit_generator.state = state["batch_rng"]
+        batch_rng.bit_generator.state = state["batch_rngs"][rank]
         start_step = state["step"]
-    writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
+    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None) if rank == 0 else None
     metrics: dict[str, float] = {}
-    bar = tqdm(range(start_step, args.total_steps), desc="pretrain", initial=start_step, total=args.total_steps)
+    rank_batch = args.batch_size // world
+    bar = tqdm(range(start_step, args.total_steps), desc="pretrain", initial=start_step, total=args.total_steps,
+               disable=rank > 0)
     t0 = time.perf_counter()
 
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_rng.integers(0, len(frames), size=args.batch_size)
+        index = batch_rng.integers(0, len(frames), size=rank_batch)
         inputs = prepare_inputs(vla, tokenizer, frames.read_images(index), [frames.instructions[i] for i in index])
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_gradients(list(vla.parameters()))  # the mean over every rank's frames
         torch.nn.utils.clip_grad_norm_(vla.parameters(), 1.0)
         optimizer.step()
 
@@ -165,7 +182,7 @@ def main(args: Args) -> dict[str, float]:
         metrics = {"train/loss": loss.item(), "train/lr": learning_rate_at(step, args),
                    "train/token_accuracy": float((predicted.numpy() == tokens[index]).mean()),
                    "time/steps_per_s": (done - start_step) / (time.perf_counter() - t0)}
-        if done % args.eval_every == 0 or done == args.total_steps:
+        if rank == 0 and (done % args.eval_every == 0 or done == args.total_steps):
             vla.eval()
             with torch.no_grad():
                 index = np.arange(min(len(heldout), 512))
@@ -177,14 +194,22 @@ def main(args: Args) -> dict[str, float]:
             vla.train()
             tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success pretrain "
                        f"{metrics['eval/pretrain']:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, done)
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, done)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if done % args.save_every == 0 or done == args.total_steps:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": vla.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                        "batch_rng": batch_rng.bit_generator.state}, run_dir / "state.tmp")
-            os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+            batch_rngs: list = [batch_rng.bit_generator.state]
+            if world > 1:
+                batch_rngs = [None] * world
+                dist.all_gather_object(batch_rngs, batch_rng.bit_generator.state)
+            if rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": vla.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                            "batch_rngs": batch_rngs}, run_dir / "state.tmp")
+                os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+    if rank > 0:
+        return metrics
 
     # ---------------------------------------------------------------- export
     vla.eval()
@@ -203,3 +228,6 @@ if __name__ == "__main__":
         main(ARGS)
     except KeyboardInterrupt:
         sys.exit(f"interrupted: the last state is kept in {ARGS.run_dir}; run again with --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

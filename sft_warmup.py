@@ -62,7 +62,7 @@ class Args:
     lora_alpha: int | None = None
     """LoRA alpha (paper: 16); default 16, or the checkpoint's"""
     image_size: int | None = None
-    """image size of the model and renderer; default: the model's (tiny 112, OpenVLA 224)"""
+    """image size of the model and renderer; default: the model's (tiny 64, OpenVLA 224)"""
     # --- demonstrations
     env: Literal["maniskill", "twin"] = "maniskill"
     """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
@@ -79,7 +79,7 @@ class Args:
     num_envs: int = 8
     """environments the expert runs in parallel; also episodes per file"""
     max_episode_steps: int | None = None
-    """episode horizon; default the env's (ManiSkill 80, twin 36)"""
+    """episode horizon; default the env's (ManiSkill 80, twin 30)"""
     steps_after_success: int = 6
     """cut a demonstration once it has been successful this many steps in a row (paper: 6)"""
     collect_only: bool = False

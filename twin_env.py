@@ -79,19 +79,19 @@ from envs import (
 
 TWIN_HORIZON = 30  # ~2x the expert: it needs at most 16 steps on any split (10 on average)
 STEP = 0.1  # gripper displacement per unit of action
-GRASP_RADIUS = 0.07  # closing grasps an object whose centre is this close to the gripper's
-OBJECT_SIZE = 0.125  # 8 px at 64 px
+GRASP_RADIUS = 0.08  # closing grasps an object whose centre is this close to the gripper's
+OBJECT_SIZE = 0.1875  # 12 px at 64 px: smaller objects were hard for a tiny ViT to find (README)
 RECEPTACLE_SIZE = 0.25  # 16 px at 64 px; also the success footprint (disc diameter / square side)
-GRIPPER_SIZE = 0.2  # wider than an object, so a held object shows between the fingers
+GRIPPER_SIZE = 0.25  # wider than an object, so a held object shows between the fingers
 TABLE_GREY, TABLE_CONTRAST = 140.0, 0.5  # table = grey + contrast * (texture - grey): muted
 GRIPPER_COLOUR = (15, 15, 15)  # darker than any muted table, object or receptacle fill
 
-GRID_X = tuple(0.25 + 0.1 * i for i in range(6))  # training placements
-GRID_Y = tuple(0.18 + 0.1 * i for i in range(6))
+GRID_X = tuple(0.2 + 0.1 * i for i in range(7))  # training placements
+GRID_Y = tuple(0.13 + 0.1 * i for i in range(7))
 GRIPPER_HOME = (0.5, 0.9)  # below the grid (a robot base at the bottom), the whole U in view
 # Clearance radii (half diagonals, rounded up): two things are placed >= r_a + r_b apart.
-OBJECT_CLEARANCE, RECEPTACLE_CLEARANCE, GRIPPER_CLEARANCE = 0.09, 0.18, 0.14
-OUTSIDE_MARGIN = 0.12  # unseen_position: the target this far outside the grid
+OBJECT_CLEARANCE, RECEPTACLE_CLEARANCE, GRIPPER_CLEARANCE = 0.14, 0.18, 0.17
+OUTSIDE_MARGIN = 0.09  # unseen_position: the target this far outside the grid
 ROBOT_POSE_MIN_DISTANCE = 0.3  # unseen_robot_pose: the start this far from GRIPPER_HOME
 REPOSITION_STEP = 5  # reposition: the target moves right before this step's action
 REPOSITION_MIN_DISTANCE = 0.3
@@ -503,17 +503,19 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
 
     def expert_action(self) -> np.ndarray:
         """float32 [N, 7], planned from the live state every step (so it recovers from the
-        reposition event): go to the target with the gripper open (each axis at full speed),
-        close once there (a step of its own, as a real grasp is), carry it closed to the receptacle's centre, open once
-        there, then wait with the gripper open. A closed empty gripper opens first."""
+        reposition event): go to the target with the gripper open (whole steps, each axis on
+        its own), close once there (a step of its own, as a real grasp is), carry it closed to
+        the receptacle's centre, open once there, then wait with the gripper open. A closed
+        empty gripper opens first."""
         holding, done = self.held == 0, self.success()
         goal = np.where(holding[:, None], self.receptacle_xy, self.object_xy[:, 0])
         goal = np.where(done[:, None], self.gripper_xy, goal)
-        delta = (goal - self.gripper_xy) / STEP
-        there = np.abs(delta).max(axis=1) < 1e-6
-        # Each axis on its own, at full speed until the last (fractional) step: dx depends on x
-        # alone, which a small policy learns far more easily than a straight line's ratio.
-        delta = np.clip(delta, -1.0, 1.0)
+        delta = (goal - self.gripper_xy) / STEP  # in steps
+        # Whole steps, each axis on its own: every action component is -1, 0 or +1, and the
+        # goal counts as reached within half a step (GRASP_RADIUS covers the diagonal). A
+        # cloned policy then classifies directions instead of regressing fractions of a step.
+        there = np.abs(delta).max(axis=1) <= 0.5
+        delta = np.where(there[:, None], 0.0, np.clip(np.rint(delta), -1.0, 1.0))
         grip = np.where(holding, np.where(there, 1.0, -1.0),
                         np.where(there & ~self.gripper_closed, -1.0, 1.0))
         grip[done] = 1.0
@@ -568,3 +570,9 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
                               for i in self.episode_ids])
             image = blend(image, noise, NOISE_ALPHA[self.split])
         return {"image": np.ascontiguousarray(image), "instruction": self.instructions}
+
+
+# Registered with gymnasium, as ManiSkill registers "PutOn-v1" (the demos' env_info.env_id):
+# gymnasium.make_vec("PutOnTwin-v1", num_envs=8, vectorization_mode="vector_entry_point", split="ind")
+if "PutOnTwin-v1" not in gymnasium.registry:
+    gymnasium.register("PutOnTwin-v1", vector_entry_point=TwinVecEnv, max_episode_steps=TWIN_HORIZON)

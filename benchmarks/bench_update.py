@@ -13,7 +13,7 @@ parameter groups (LoRA, value head). Two results, measured side by side in one r
 1. Shared-h0 critic (`build_agent(critic="h0")`, the paper's) against a separate critic
    (`critic="separate"`: a second backbone with its own LoRA): peak memory and median
    wall-clock time per update step, as shared/separate ratios. The paper reports ~0.55x memory
-   and ~0.65x time for OpenVLA-7B on a GPU (../shared/PAPER.md, "Shared actor-critic").
+   and ~0.65x time for OpenVLA-7B on a GPU (arXiv 2505.19789, section 4; docs/PAPER_NOTES.md).
 2. Update throughput (shared-h0 critic): samples/s of forward + backward + optimizer step at
    minibatch 8 and 32 (--throughput-minibatch-sizes).
 

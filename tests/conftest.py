@@ -23,10 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# Image size of every tiny model and env in the tests: 4 x 4 patches at patch 14 (8 x 8 at
-# patch 7, 7 x 7 at 8), the same code paths as 112 px at a fraction of the cost. Keep it a
-# multiple of 56 so it fits every patch size the tiny preset may use.
-SIZE = 56
+# Image size of every tiny model and env in the tests: 2 x 2 patches of the tiny preset's 16 px,
+# the same code paths as its 64 px at a quarter of the cost.
+SIZE = 32
 SHORT, LONG = "go", "put the crème brûlée onto the yellow plate next to the basket"
 
 

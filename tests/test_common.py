@@ -41,7 +41,7 @@ from common import (
     save_checkpoint,
 )
 from envs import make_vec_env
-from model import position_ids_from_mask, run_language_model
+from model import TINY_IMAGE_SIZE, position_ids_from_mask, run_language_model
 
 CPU = torch.device("cpu")
 
@@ -384,7 +384,7 @@ def test_planned_image_size_reads_flags_and_json_only(tmp_path: Path) -> None:
     checkpoint = save_trained_checkpoint(tmp_path / "sft" / "checkpoint", "sft")
     assert common.planned_image_size(script_args(sft_warmup, tmp_path, init_checkpoint=str(checkpoint))) == SIZE
     assert common.planned_image_size(script_args(sft_warmup, tmp_path, image_size=112)) == 112
-    assert common.planned_image_size(script_args(sft_warmup, tmp_path)) == 112  # the tiny default
+    assert common.planned_image_size(script_args(sft_warmup, tmp_path)) == TINY_IMAGE_SIZE  # the tiny default
 
 
 # ---------------------------------------------------------------------------- the episode loop

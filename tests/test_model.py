@@ -258,3 +258,11 @@ def test_official_layout_errors_name_what_is_missing(tmp_path) -> None:
     (model_dir / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         build_agent(str(model_dir))
+
+
+def test_the_light_cli_knows_the_tiny_patch_size() -> None:
+    import cli
+    import model
+
+    assert cli.TINY_PATCH_SIZE == model.TINY_PATCH_SIZE
+    assert model.tiny_vla_config(64, 1000).timm_model_kwargs[0]["patch_size"] == model.TINY_PATCH_SIZE
