@@ -22,6 +22,8 @@ import tyro
 
 T = TypeVar("T")
 TINY_PATCH_SIZE = 16  # = model.TINY_PATCH_SIZE (tests check), kept here so cli.py never imports torch
+# The shipped pretrained tiny VLA (`make pretrain` regenerates it), in the official OpenVLA layout.
+PRETRAINED_TWIN = str(Path(__file__).resolve().parent / "assets" / "tiny-openvla-twin")
 
 
 def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,

@@ -112,7 +112,7 @@ class Args:
 RECIPES = {
     "twin": ("offline DPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="dpo_twin", env="twin", num_envs=64, num_states=128, rollouts_per_state=4,
-                  beta=1.0, learning_rate=3e-4, pairs_per_batch=16, chunk_size=64, eval_episodes=128)),
+                  beta=1.0, learning_rate=1e-3, pairs_per_batch=16, chunk_size=64, eval_episodes=128)),
 }
 
 

@@ -196,12 +196,14 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
                        progress: tqdm) -> dict[str, list[EpisodeOutcomes]]:
     """split -> one EpisodeOutcomes per seed, merged over ranks on rank 0.
 
-    The episodes of (seed, split) are cut into batches of num_envs; batch b runs on rank
-    b % world with torch seeded by (seed, split, b), so every episode's sampling noise, and so
-    its outcome, is the same whatever the number of ranks. One set of envs for all splits: a
-    ManiSkill worker costs ~10 s to start, switching its split ~0.4 s (measured)."""
+    The episodes of (seed, split) are cut into batches of num_envs, dealt to the ranks in turn
+    over all (split, seed, batch), with torch seeded by (seed, split, b), so every episode's
+    sampling noise, and so its outcome, is the same whatever the number of ranks. One set of
+    envs for all splits: a ManiSkill worker costs ~10 s to start, switching its split ~0.4 s
+    (measured)."""
     rank, world = world_info()
     results: dict[str, list[EpisodeOutcomes]] = {}
+    dealt = 0  # batches dealt so far: batch number `dealt` goes to rank dealt % world
     envs = make_vec_env(splits[0], min(args.num_envs, args.episodes), image_size, seed=args.seeds[0],
                         max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers)
     try:
@@ -214,13 +216,15 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
                 ids = evaluation_episode_ids(seed, split, args.episodes)
                 mine = []
                 for b, start in enumerate(range(0, len(ids), envs.num_envs)):
-                    if b % world != rank:
+                    dealt += 1
+                    if (dealt - 1) % world != rank:
                         continue
                     torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
                     videos = max(0, args.video - start) if i == 0 else 0
                     mine.append((b, evaluate_policy(policy, envs, ids[start:start + envs.num_envs], videos,
                                                     on_batch=progress.update)))
                 merged = merge_batches(mine)
+                progress.update(len(ids) - sum(len(o.episode_ids) for _, o in mine))  # the other ranks' share
                 results[split].append(merged)
                 if rank == 0:
                     save_videos(merged, Path(args.output_dir) / "videos" / label, split, seed)

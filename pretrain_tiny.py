@@ -3,7 +3,7 @@ OpenVLA layout: the laptop-sized stand-in for the pretrained OpenVLA-7B that the
 
 OpenVLA was pretrained on ~1M robot episodes before arXiv 2505.19789 fine-tuned it; the twin's
 `pretrain` split plays that part: many objects, its own receptacles, tables and instruction
-templates, one- and two-object scenes, and none of the assets of an OOD split (docs/TWIN.md).
+templates, one- and two-object scenes, and none of the assets of an OOD split (twin_env.py).
 Every weight is trained (a random base learns far too slowly through LoRA), with OpenVLA's
 loss: cross-entropy on the 7 action tokens. The result loads like the 7B checkpoint:
 
@@ -11,15 +11,16 @@ loss: cross-entropy on the 7 action tokens. The result loads like the 7B checkpo
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
 
 The directory holds config.json (with the norm_stats of the pretraining actions under
-"twin_pretrain"), model.safetensors, the tokenizer files and pretrain_config.json (these flags
+"twin_pretrain"), the safetensors shard and its index, the tokenizer files and pretrain_config.json (these flags
 and the measured held-out success), so a test can check the shipped model against its recipe.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from cli import parse_cli, require_finite_positive, require_positive
+from cli import TINY_PATCH_SIZE, parse_cli, require_finite_positive, require_positive
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Args:
     then shows recoveries, not only perfect paths (demos.collect_expert_demos)"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    total_steps: int = 24000
+    total_steps: int = 12000
     """optimizer steps"""
     batch_size: int = 64
     """frames per step"""
@@ -63,6 +64,11 @@ def check_args(args: Args) -> None:
     require_positive(args, "image_size", "num_demos", "heldout_demos", "total_steps", "batch_size",
                      "warmup_steps", "eval_every", "eval_episodes", "save_every")
     require_finite_positive(args, "learning_rate")
+    if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
+        raise ValueError(f"--resume: no {args.run_dir}/state.pt to continue from (run without --resume)")
+    if args.image_size % TINY_PATCH_SIZE:
+        raise ValueError(f"--image-size must be a multiple of {TINY_PATCH_SIZE} (the tiny model's patch), "
+                         f"got {args.image_size}")
 
 
 if __name__ == "__main__":
@@ -70,7 +76,6 @@ if __name__ == "__main__":
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cli import (
+    PRETRAINED_TWIN,
     check_model_args,
     parse_cli,
     require_finite_positive,
@@ -111,10 +112,15 @@ class Args:
 
 
 RECIPES = {
-    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT on 64 ind demos",
-                    Args(exp_name="sft_warmup_twin", env="twin", num_demos=64, total_steps=300,
+    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT, 25 steps on 64 ind demos",
+                    Args(exp_name="sft_warmup_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=64,
+                         total_steps=25,
                          batch_size=64, grad_accum_steps=1, learning_rate=1e-3, image_aug=False,
-                         val_every=100, eval_every=300, eval_episodes=128, save_every=100)),
+                         val_every=25, eval_every=25, eval_episodes=128, save_every=25)),
+    "twin-sft": ("the SFT baseline on the 2D twin, as in the README: LoRA SFT on many ind demos, from the base",
+                 Args(exp_name="sft_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=1024,
+                      total_steps=1000, batch_size=64, grad_accum_steps=1, learning_rate=1e-3, image_aug=False,
+                      val_every=250, eval_every=1000, eval_episodes=128, save_every=250)),
 }
 
 

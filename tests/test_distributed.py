@@ -7,6 +7,7 @@ bitwise identical weights; a killed rank ends the whole job quickly with a messa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,14 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO, SIZE, observations, run_cli
 
 import ppo_vla
 from common import build_agent, global_mean_std
-from conftest import REPO, SIZE, observations
 
 WORLD = 2
 BATCH = 16  # global: 8 samples per rank
@@ -109,3 +111,29 @@ def test_a_killed_rank_ends_the_job_within_seconds(tmp_path: Path) -> None:
     assert time.time() - killed_at < 30, "the job must end soon after a rank dies, not hang"
     assert proc.returncode != 0
     assert "ppo_vla.py FAILED" in stderr or "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_evaluate_ood_on_two_ranks_gives_every_episode_of_one_process(tmp_path: Path) -> None:
+    # 5 batches of 2 envs: rank 0 takes 3, rank 1 takes 2. The shipped pretrained model at
+    # temperature 0.6 gets varied returns, so equal returns mean each batch drew the same random
+    # numbers wherever it ran.
+    flags = ["--checkpoint", "base", "--model-path", str(REPO / "assets" / "tiny-openvla-twin"), "--env", "twin",
+             "--splits", "ind", "noise_weak", "reposition", "--episodes", "10", "--seeds", "0", "1",
+             "--num-envs", "2", "--device", "cpu"]
+    single = run_cli("evaluate_ood.py", *flags, "--output-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    ranks = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+                            "2", "evaluate_ood.py", *flags, "--output-dir", str(tmp_path / "two")],
+                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["episodes"]["base"] for d in ("one", "two"))
+    assert one.keys() == two.keys() == {"ind", "noise_weak", "reposition"}
+    for split in one:
+        for a, b in zip(one[split], two[split], strict=True):
+            assert a["episode_ids"] == b["episode_ids"] and len(a["episode_ids"]) == 10
+            assert a["success"] == b["success"], split
+            np.testing.assert_allclose(a["returns"], b["returns"], rtol=1e-5, err_msg=split)
+    outcomes = [(s, r) for runs in one.values() for run in runs
+                for s, r in zip(run["success"], run["returns"], strict=True)]
+    assert len(set(outcomes)) >= 4, f"outcomes vary between episodes, so equality is informative: {outcomes}"
