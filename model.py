@@ -208,7 +208,8 @@ def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
             tie_word_embeddings=False,
             # Llama's default 0.02 leaves a random tiny model's attention uniform and its
             # residual stream blind to the instruction, so LoRA took hundreds of steps to learn
-            # even a one-word condition; at 0.1 it takes ~40 (measured, README "toy task").
+            # even a one-word condition; at 0.1 it takes ~40 (measured on the one-step toy task
+            # that preceded the twin).
             initializer_range=0.1,
         ),
         pad_token_id=text_vocab_size,

@@ -401,7 +401,8 @@ def test_it_acts_and_scores_its_actions(loaded) -> None:
 def readme_7b_commands(model_dir: Path) -> dict[str, list[str]]:
     """script name -> argv of the README's OpenVLA-7B commands, on `model_dir`."""
     commands = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    for line in text.splitlines():
         if line.startswith("python ") and "/weights/openvla-7b" in line:
             words = shlex.split(line.split("  #")[0].replace("/weights/openvla-7b", str(model_dir)))
             commands[words[1].removesuffix(".py")] = words[2:]
