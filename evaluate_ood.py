@@ -203,7 +203,7 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
     (measured)."""
     rank, world = world_info()
     results: dict[str, list[EpisodeOutcomes]] = {}
-    dealt = 0  # batches dealt so far: batch number `dealt` goes to rank dealt % world
+    dealt = 0  # batches dealt so far: the next one goes to rank dealt % world
     envs = make_vec_env(splits[0], min(args.num_envs, args.episodes), image_size, seed=args.seeds[0],
                         max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers)
     try:
@@ -216,8 +216,8 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
                 ids = evaluation_episode_ids(seed, split, args.episodes)
                 mine = []
                 for b, start in enumerate(range(0, len(ids), envs.num_envs)):
-                    dealt += 1
-                    if (dealt - 1) % world != rank:
+                    mine_to_run, dealt = dealt % world == rank, dealt + 1
+                    if not mine_to_run:
                         continue
                     torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
                     videos = max(0, args.video - start) if i == 0 else 0

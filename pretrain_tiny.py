@@ -136,6 +136,8 @@ def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, flo
 
 def main(args: Args) -> dict[str, float]:
     rank, world, _ = init_distributed()  # `make pretrain` runs 2 ranks: one per core
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
     run_dir, output = Path(args.run_dir), Path(args.output)
     wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
