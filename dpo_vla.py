@@ -381,7 +381,10 @@ def main(args: Args) -> dict[str, float]:
                                                             args.max_grad_norm, f"round {round_index + 1}")
             updates += 1
             for k, v in step_stats.items():
-                stats.setdefault(k, []).append(v)
+                values = stats.setdefault(k, [])  # every rank the same keys: global_mean is collective
+                if len(chosen) == 0:  # this rank ran out of pairs before the others: nothing to log
+                    continue
+                values.append(v)
                 if writer is not None:
                     writer.add_scalar(k, v, updates)
         update_time = time.perf_counter() - t0

@@ -194,53 +194,58 @@ def load_policy(path: str, args: Args, device: torch.device) -> Any:
 
 def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, image_size: int,
                        progress: tqdm) -> dict[str, list[EpisodeOutcomes]]:
-    """split -> one EpisodeOutcomes per seed, merged over ranks on rank 0.
+    """split -> one EpisodeOutcomes per seed, the same on every rank.
 
-    The episodes of (seed, split) are cut into batches of num_envs, dealt to the ranks in turn
-    over all (split, seed, batch), with torch seeded by (seed, split, b), so every episode's
-    sampling noise, and so its outcome, is the same whatever the number of ranks. One set of
-    envs for all splits: a ManiSkill worker costs ~10 s to start, switching its split ~0.4 s
-    (measured)."""
+    The episodes of every (split, seed) are cut into batches of num_envs; the batches of all
+    (split, seed) are dealt to the ranks in turn, each rank plays its own without waiting, and
+    one gather at the end puts them back in order. torch is seeded by (seed, split, b) before
+    batch b, so every episode's sampling noise, and so its outcome, is the same whatever the
+    number of ranks. One set of envs for all splits: a ManiSkill worker costs ~10 s to start,
+    switching its split ~0.4 s (measured)."""
     rank, world = world_info()
-    results: dict[str, list[EpisodeOutcomes]] = {}
-    dealt = 0  # batches dealt so far: the next one goes to rank dealt % world
-    envs = make_vec_env(splits[0], min(args.num_envs, args.episodes), image_size, seed=args.seeds[0],
+    batch_size = min(args.num_envs, args.episodes)
+    starts = range(0, args.episodes, batch_size)
+    jobs = [(split, seed, b) for split in splits for seed in args.seeds for b in range(len(starts))]
+    envs = make_vec_env(splits[0], batch_size, image_size, seed=args.seeds[0],
                         max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers)
+    played = [min(batch_size, args.episodes - start) for start in starts]  # episodes per batch
+    mine: dict[tuple[str, int, int], EpisodeOutcomes] = {}
     try:
-        for split in splits:
+        for turn, (split, seed, b) in enumerate(jobs[rank::world]):
             progress.set_description(f"{label} | {split}")
             if envs.split != split:
                 envs.set_split(split)
-            results[split] = []
-            for i, seed in enumerate(args.seeds):
-                ids = evaluation_episode_ids(seed, split, args.episodes)
-                mine = []
-                for b, start in enumerate(range(0, len(ids), envs.num_envs)):
-                    mine_to_run, dealt = dealt % world == rank, dealt + 1
-                    if not mine_to_run:
-                        continue
-                    torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
-                    videos = max(0, args.video - start) if i == 0 else 0
-                    mine.append((b, evaluate_policy(policy, envs, ids[start:start + envs.num_envs], videos,
-                                                    on_batch=progress.update)))
-                merged = merge_batches(mine)
-                progress.update(len(ids) - sum(len(o.episode_ids) for _, o in mine))  # the other ranks' share
-                results[split].append(merged)
-                if rank == 0:
-                    save_videos(merged, Path(args.output_dir) / "videos" / label, split, seed)
+            ids = evaluation_episode_ids(seed, split, args.episodes)[starts[b]:starts[b] + batch_size]
+            torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
+            videos = max(0, args.video - starts[b]) if seed == args.seeds[0] else 0
+            mine[split, seed, b] = evaluate_policy(policy, envs, ids, videos)
+            # the bar (rank 0's) counts this turn's batches of all ranks, played meanwhile
+            progress.update(sum(played[job[2]] for job in jobs[turn * world:(turn + 1) * world]))
     finally:
         envs.close()
+    everything = gather_batches(mine)
+    results = {split: [merge_batches([everything[split, seed, b] for b in range(len(starts))])
+                       for seed in args.seeds] for split in splits}
+    if rank == 0:
+        for split in splits:
+            for seed, outcomes in zip(args.seeds, results[split], strict=True):
+                save_videos(outcomes, Path(args.output_dir) / "videos" / label, split, seed)
     return results
 
 
-def merge_batches(mine: list[tuple[int, EpisodeOutcomes]]) -> EpisodeOutcomes:
-    """Every rank's batches -> one EpisodeOutcomes in batch order (on every rank)."""
+def gather_batches(mine: dict[tuple[str, int, int], EpisodeOutcomes]
+                   ) -> dict[tuple[str, int, int], EpisodeOutcomes]:
+    """Every rank's batches, keyed by (split, seed, batch), on every rank: one collective call."""
     _, world = world_info()
-    everything = [mine]
-    if world > 1:
-        everything = [None] * world
-        dist.all_gather_object(everything, mine)
-    batches = [o for _, o in sorted((b for part in everything for b in part), key=lambda pair: pair[0])]
+    if world == 1:
+        return mine
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {key: outcomes for part in parts for key, outcomes in part.items()}
+
+
+def merge_batches(batches: list[EpisodeOutcomes]) -> EpisodeOutcomes:
+    """The batches of one (split, seed), in order -> one EpisodeOutcomes."""
     return EpisodeOutcomes(*(np.concatenate([getattr(o, f) for o in batches])
                              for f in ("episode_ids", "success", "success_once", "returns")),
                            seconds=sum(o.seconds for o in batches),

@@ -122,7 +122,7 @@ class Args:
 RECIPES = {
     "twin": ("PPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="ppo_twin", env="twin", num_envs=64, num_steps=30, total_iterations=16,
-                  learning_rate=1e-3, minibatch_size=64, grad_accum_steps=1, eval_every=8,
+                  learning_rate=3e-4, minibatch_size=64, grad_accum_steps=1, eval_every=8,
                   eval_episodes=128, save_every=4)),
 }
 

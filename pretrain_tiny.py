@@ -141,13 +141,16 @@ def main(args: Args) -> dict[str, float]:
     seed_everything(args.seed + rank)
     run_dir, output = Path(args.run_dir), Path(args.output)
     wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
+    # The shipped model was pretrained on demonstrations whose idle steps after success were
+    # dropped (as the paper drops idle steps); kept so that `make pretrain` still reproduces it.
+    settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=False)
     if rank == 0:  # rank 0 collects, the others read what it wrote
         ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
-                     num_envs=64, action_noise=args.action_noise)
+                     **settings)
     if world > 1:
         dist.barrier()
     records = ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size,
-                           default_horizon("twin"), action_noise=args.action_noise)
+                           default_horizon("twin"), **settings)
     frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()
     stats = NormStats(q01=np.quantile(frames.actions, 0.01, axis=0), q99=np.quantile(frames.actions, 0.99, axis=0))
 

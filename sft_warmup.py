@@ -83,6 +83,9 @@ class Args:
     """episode horizon; default the env's (ManiSkill 80, twin 30)"""
     steps_after_success: int = 6
     """cut a demonstration once it has been successful this many steps in a row (paper: 6)"""
+    action_noise: float = 0.0
+    """DART: std of noise on the expert's executed moves on 30% of the steps, labels unchanged,
+    so the demonstrations show recovery from drift (0: clean demonstrations, as the paper's)"""
     collect_only: bool = False
     """stop after collecting the demonstrations (no model, no training)"""
     # --- training (the paper's warm-up: OpenVLA's LoRA fine-tuning recipe)
@@ -112,11 +115,11 @@ class Args:
 
 
 RECIPES = {
-    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT, 25 steps on 64 ind demos",
+    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT, 200 steps on 64 ind demos",
                     Args(exp_name="sft_warmup_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=64,
-                         total_steps=25,
+                         total_steps=200,
                          batch_size=64, grad_accum_steps=1, learning_rate=1e-3, image_aug=False,
-                         val_every=25, eval_every=25, eval_episodes=128, save_every=25)),
+                         val_every=100, eval_every=200, eval_episodes=128, save_every=100)),
     "twin-sft": ("the SFT baseline on the 2D twin, as in the README: LoRA SFT on many ind demos, from the base",
                  Args(exp_name="sft_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=1024,
                       total_steps=1000, batch_size=64, grad_accum_steps=1, learning_rate=1e-3, image_aug=False,
@@ -130,7 +133,7 @@ def check_args(args: Args) -> None:
     require_positive(args, "num_demos", "num_envs", "max_episode_steps", "steps_after_success",
                      "total_steps", "batch_size", "grad_accum_steps", "val_every", "save_every",
                      "eval_episodes")
-    require_non_negative(args, "val_demos", "eval_every", "eval_temperature")
+    require_non_negative(args, "val_demos", "eval_every", "eval_temperature", "action_noise")
     require_finite_positive(args, "learning_rate")
     if args.grad_accum_steps > args.batch_size:
         raise ValueError(f"--grad-accum-steps ({args.grad_accum_steps}) cannot exceed --batch-size "
@@ -248,12 +251,13 @@ def main(args: Args) -> dict[str, float]:
     horizon = args.max_episode_steps or default_horizon(args.env)
     demo_dir = Path(args.demo_dir or f"demos/{args.env}-{args.split}-{image_size}px-seed{args.demo_seed}")
     wanted = {"train": args.num_demos, "heldout": args.val_demos}
+    demo_settings = dict(seed=args.demo_seed, num_envs=args.num_envs, action_noise=args.action_noise,
+                         success_steps=min(args.steps_after_success, horizon))
     if rank == 0:
-        ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, args.demo_seed,
-                     args.num_envs, min(args.steps_after_success, horizon))
+        ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, **demo_settings)
     if world > 1:
         dist.barrier()
-    records = ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, args.demo_seed)
+    records = ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, **demo_settings)
     if args.collect_only:
         return {"demos": float(len(records["train"]))}
 
@@ -294,6 +298,7 @@ def main(args: Args) -> dict[str, float]:
     bar = tqdm(range(start_step, args.total_steps), desc="SFT", initial=start_step, total=args.total_steps,
                disable=rank > 0)
 
+    last_val_accuracy = float("nan")  # none yet
     for step in bar:
         # ------------------------------------------------------------ one optimizer step
         agent.train()
@@ -333,8 +338,9 @@ def main(args: Args) -> dict[str, float]:
                 tqdm.write(f"step {done}: success rate {metrics['eval/success']:.3f} on {args.split}")
         metrics["time/steps_per_s"] = (done - start_step) / (time.perf_counter() - t0)
         metrics["memory/peak_gb"] = peak_memory_gb(device)
+        last_val_accuracy = metrics.get("val/token_accuracy", last_val_accuracy)  # shown until the next
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/token_accuracy']:.2f}",
-                        val_acc=f"{metrics.get('val/token_accuracy', float('nan')):.2f}", refresh=False)
+                        val_acc=f"{last_val_accuracy:.2f}", refresh=False)
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, done)

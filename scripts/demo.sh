@@ -23,7 +23,7 @@ stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 start=$SECONDS
 common=(--output-dir "$RUNS" --demo-dir "$OUT/demos")
 
-stage "1/5 SFT warm-up: LoRA, 25 steps on 64 ind demos, from the pretrained tiny VLA (python sft_warmup.py twin-warmup)"
+stage "1/5 SFT warm-up: LoRA, 200 steps on 64 ind demos, from the pretrained tiny VLA (python sft_warmup.py twin-warmup)"
 $TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --exp-name warmup
 
 stage "2/5 PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"

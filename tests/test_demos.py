@@ -72,8 +72,24 @@ def test_demonstrations_are_maniskill_trajectories_with_json_sidecars(tmp_path: 
     assert obs["instruction"][0] == episode["instruction"] == train[1]["instruction"]
     assert len(drop_idle_steps(envs.expert_action())) == 1, "precondition: the first step moves"
     np.testing.assert_array_equal(first_action, envs.expert_action()[0])
-    # Every kept step moves, turns or toggles the gripper.
+    # Until success every kept step moves, turns or toggles the gripper; from a successful state
+    # the expert's (idle) steps are kept: the demonstration ends with success_steps - 1 of them.
+    for r in train:
+        with h5py.File(r["file"], "r") as f:
+            success = f[f"traj_{r['slot']}"]["success"][()]
+        after_success = np.concatenate([[False], success[:-1]])
+        assert after_success[-5:].all() and after_success.sum() == 5, success
+        assert len(drop_idle_steps(r["actions"][~after_success])) == (~after_success).sum()
+        assert len(drop_idle_steps(r["actions"][after_success])) == 0, "the expert waits once done"
+
+
+def test_idle_steps_after_success_can_be_dropped_as_before(tmp_path: Path) -> None:
+    # As the shipped pretrained model's data were collected (pretrain_tiny.py).
+    train = collect(tmp_path, train=4, keep_success_steps=False)["train"]
     assert all(len(drop_idle_steps(r["actions"])) == len(r["actions"]) for r in train)
+    assert json.loads((tmp_path / "manifest.json").read_text())["idle_steps_after_success"] == "dropped"
+    with pytest.raises(DemoError, match="idle_steps_after_success='dropped'"):
+        collect(tmp_path, train=4)  # the default keeps them: not mixed into one data set
 
 
 def test_a_chunk_loads_with_maniskills_own_loader(tmp_path: Path) -> None:

@@ -4,9 +4,12 @@ stand-in for pretrained OpenVLA) from its success on `ind` to clearly better, in
 minutes. `ind`'s plate, tables and instruction template are new to the pretrained model: it
 starts at ~14% (temperature 0.6, 128 episodes).
 
-Measured once (README): the SFT warm-up (25 steps on 64 demos) reaches ~38%; PPO from the
-base ~32% after 8 iterations of 128 envs and ~41% after 16. GRPO and DPO did not clearly
-improve on the base at these budgets (README, "What did not work"), so they have no test here.
+Measured once (README): the SFT warm-up (200 steps on 64 demos) reaches ~62%; PPO from the
+base (lr 1e-3) ~32% after 8 iterations of 128 envs and ~41% after 16. GRPO and DPO learn more slowly:
+their tests measure the policy they train, sampled at the training temperature 1.0, over the
+rollouts of the run itself (128 episodes per GRPO iteration, 512 per DPO round). At the
+evaluation temperature 0.6 their gain at these budgets is within noise (README, "What did not
+work").
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(tmp_path: Path,
     args = replace(sft_warmup.RECIPES["twin-warmup"][1], output_dir=str(tmp_path), exp_name="warmup",
                    demo_dir=str(tmp_path / "demos"))
     final = sft_warmup.main(args)
-    assert final["eval/success"] >= base_success + 0.15, (base_success, final)
+    assert final["eval/success"] >= base_success + 0.3, (base_success, final)
 
 
 def test_ppo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_path: Path,
@@ -52,6 +55,7 @@ def test_ppo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_pat
     torchrun = str(Path(sys.executable).parent / "torchrun")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "ppo_vla.py", "twin",
                              "--model-path", str(PRETRAINED), "--total-iterations", "8", "--eval-every", "8",
+                             "--learning-rate", "1e-3",  # from the base; the recipe's 3e-4 is for a warm-up
                              "--output-dir", str(tmp_path), "--exp-name", "ppo"],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,3 +65,40 @@ def test_ppo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_pat
     assert np.mean(rollouts[-3:]) > np.mean(rollouts[:3]), f"rollouts get better: {rollouts}"
     explained = scalars(tmp_path / "ppo", "losses/explained_variance")
     assert np.mean(explained[-3:]) > explained[0] + 0.05, f"the critic learns: {explained}"
+
+
+def run_under_torchrun(script: str, *flags: str) -> None:
+    """`torchrun --nproc_per_node 2 SCRIPT twin ...` from the pretrained base: both cores."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, "twin",
+                             "--model-path", str(PRETRAINED), *flags],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_grpo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_path: Path) -> None:
+    # 12 iterations of 2 x 64 envs in groups of 8 (16 initial states per iteration). Measured:
+    # rollout success 15% over the first four iterations -> 27% over the last four.
+    run_under_torchrun("grpo_vla.py", "--total-iterations", "12", "--kl-coef", "0", "--eval-every", "0",
+                       "--output-dir", str(tmp_path), "--exp-name", "grpo")
+    rollouts = scalars(tmp_path / "grpo", "rollout/success")
+    assert len(rollouts) == 12
+    assert np.mean(rollouts[-4:]) >= np.mean(rollouts[:4]) + 0.07, f"rollouts get better: {rollouts}"
+    degenerate = scalars(tmp_path / "grpo", "grpo/degenerate_group_fraction")
+    assert max(degenerate) < 1.0, "every iteration had groups whose returns differ"
+
+
+def test_iterative_dpo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_path: Path) -> None:
+    # 3 rounds: collect 128 states x 4 rollouts with the current policy, pair successes with
+    # failures of the same state, one DPO epoch against that round's reference. Measured:
+    # collection success 14.5% (the base) -> 25% -> 29%.
+    run_under_torchrun("dpo_vla.py", "--rounds", "3", "--eval-every", "0",
+                       "--output-dir", str(tmp_path), "--exp-name", "dpo")
+    collected = scalars(tmp_path / "dpo", "rollout/success")
+    assert len(collected) == 3
+    assert collected[2] >= collected[0] + 0.08, f"each round's policy collects more successes: {collected}"
+    assert min(scalars(tmp_path / "dpo", "data/pairs")) >= 50, "enough (success, failure) pairs per round"
+    # Each step's accuracy is measured on pairs the policy has not trained on yet (one epoch),
+    # before that step's update; at a round's reference it is 0 (all margins are 0).
+    accuracy = scalars(tmp_path / "dpo", "rewards/accuracy")
+    assert np.mean(accuracy[-8:]) > 0.55, f"the policy learns to prefer unseen chosen trajectories: {accuracy}"
