@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -160,7 +161,11 @@ def test_short_run_on_maniskill_collects_real_demonstrations_and_trains(tmp_path
     assert len(records) == 1 and records[0]["file"] == chunk
     for r in records:
         assert r["success"] and r["instruction"].startswith("put ") and 5 <= r["elapsed_steps"] <= 80
-        # Idle steps are gone: every kept step moves, turns or toggles the gripper.
-        assert len(drop_idle_steps(r["actions"])) == len(r["actions"])
+        # Idle steps are gone until success: every step before it moves, turns or toggles the
+        # gripper (the steps from a successful state are kept, idle or not).
+        with h5py.File(r["file"], "r") as f:
+            success = f[f"traj_{r['slot']}"]["success"][()]
+        before = ~np.concatenate([[False], success[:-1]])
+        assert len(drop_idle_steps(r["actions"][before])) == before.sum() < len(r["actions"])
     agent, state = load_checkpoint(tmp_path / "runs" / "sft_warmup" / "checkpoint")
     assert state["step"] == 2 and agent.norm_stats.q99[0] > agent.norm_stats.q01[0]
