@@ -65,6 +65,7 @@ def cases() -> list[tuple[str, list[str], str]]:
         ("sft_warmup.py", ["--batch-size", "2", "--grad-accum-steps", "4"], "cannot exceed --batch-size"),
         ("sft_warmup.py", ["--learning-rate", "nan"], "--learning-rate must be a positive number"),
         ("sft_warmup.py", ["--val-demos", "-1"], "--val-demos must be >= 0"),
+        ("sft_warmup.py", ["--action-noise", "-0.1"], "--action-noise must be >= 0"),
     ]
     base = ["--checkpoint", "base"]
     out += [
