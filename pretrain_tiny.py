@@ -35,16 +35,19 @@ class Args:
     """seed of the weights' training order (the random init itself is fixed, see model.py)"""
     image_size: int = 64
     """image size of the model and the renderer"""
-    num_demos: int = 6000
-    """expert demonstrations of the pretrain split to train on"""
+    num_demos: int = 12000
+    """expert demonstrations of the pretrain split to train on (6000 were starting to be memorised)"""
     heldout_demos: int = 64
     """held-out demonstrations for the validation loss"""
-    action_noise: float = 0.3
-    """std of the noise the expert's executed moves get on 30% of the steps (DART): the data
-    then shows recoveries, not only perfect paths (demos.collect_expert_demos)"""
+    action_noise: float = 0.0
+    """std of the noise the expert's executed moves get on 30% of the steps (DART,
+    demos.collect_expert_demos); 0.3 cost the SFT baseline 15 points on `ind` (README)"""
+    keep_success_steps: bool = True
+    """keep the expert's steps taken from an already successful state, idle or not (demos.py);
+    the first shipped model dropped them and then re-grasped placed objects"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    total_steps: int = 12000
+    total_steps: int = 20000
     """optimizer steps"""
     batch_size: int = 64
     """frames per step"""
@@ -141,9 +144,7 @@ def main(args: Args) -> dict[str, float]:
     seed_everything(args.seed + rank)
     run_dir, output = Path(args.run_dir), Path(args.output)
     wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
-    # The shipped model was pretrained on demonstrations whose idle steps after success were
-    # dropped (as the paper drops idle steps); kept so that `make pretrain` still reproduces it.
-    settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=False)
+    settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=args.keep_success_steps)
     if rank == 0:  # rank 0 collects, the others read what it wrote
         ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
                      **settings)
