@@ -105,8 +105,8 @@ def test_iterative_dpo_learns_the_new_task_from_the_pretrained_base_under_torchr
     collected = scalars(tmp_path / "dpo", "rollout/success")
     assert len(collected) == 3
     assert np.mean(collected[1:]) >= collected[0] + 0.06, f"the DPO policies collect more successes: {collected}"
-    assert min(scalars(tmp_path / "dpo", "data/pairs")) >= 30, "enough (success, failure) pairs per round"
+    assert min(scalars(tmp_path / "dpo", "data/pairs")) >= 50, "enough (success, failure) pairs per round"
     # Each step's accuracy is measured on pairs the policy has not trained on yet (one epoch),
     # before that step's update; at a round's reference it is 0 (all margins are 0).
     accuracy = scalars(tmp_path / "dpo", "rewards/accuracy")
-    assert np.mean(accuracy[-8:]) > 0.5, f"the policy learns to prefer unseen chosen trajectories: {accuracy}"
+    assert np.mean(accuracy[-8:]) > 0.55, f"the policy learns to prefer unseen chosen trajectories: {accuracy}"
