@@ -7,8 +7,9 @@ a VLA saw before fine-tuning. The interface is gymnasium's vector env, as descri
 
 Mechanics (all lengths in workspace units, the table is [0, 1]^2 seen from above; x -> image
 column, y -> image row; geometry constants are at the top of the file):
-  * The gripper moves by STEP * (dx, dy) per step (action dims 0-1), clipped to the table;
-    dims 2-5 are ignored; dim 6 < 0 closes the gripper, >= 0 opens it (+1 open, -1 close).
+  * The gripper moves by STEP * (dx, dy) per step (action dims 0-1, rounded to hundredths),
+    clipped to the table; dims 2-5 are ignored; dim 6 < 0 closes the gripper, >= 0 opens it
+    (+1 open, -1 close).
   * The move comes first, then the gripper command, at the new position. Closing (open ->
     closed) grasps the nearest object whose centre is within GRASP_RADIUS; the object snaps to
     the gripper and is carried while the gripper stays closed. Closing on nothing holds nothing
@@ -79,6 +80,7 @@ from envs import (
 
 TWIN_HORIZON = 30  # ~2x the expert: it needs at most 16 steps on any split (10 on average)
 STEP = 0.1  # gripper displacement per unit of action
+MOVE_DECIMALS = 2  # dx, dy are rounded to hundredths of a step (see TwinVecEnv._move)
 GRASP_RADIUS = 0.08  # closing grasps an object whose centre is this close to the gripper's
 OBJECT_SIZE = 0.1875  # 12 px at 64 px: smaller objects were hard for a tiny ViT to find (README)
 RECEPTACLE_SIZE = 0.25  # 16 px at 64 px; also the success footprint (disc diameter / square side)
@@ -479,7 +481,12 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
 
     def _move(self, actions: np.ndarray) -> None:
         """Move, carry, then apply the gripper command at the new position."""
-        self.gripper_xy = np.clip(self.gripper_xy + STEP * actions[:, :2].astype(np.float64), 0, 1)
+        # Moves in hundredths of a step: the action tokenizer's bin centres (+-0.996 for a whole
+        # step) would otherwise drift a policy 0.2 px a step off the positions every expert
+        # demonstration visits, and the tiny VLA, which never saw a frame 1 px off, stalled there
+        # (README: 19 of 19 stalled one-object failures; the warm-up on `ind` 77% -> 95%).
+        moves = np.round(actions[:, :2].astype(np.float64), MOVE_DECIMALS)
+        self.gripper_xy = np.clip(self.gripper_xy + STEP * moves, 0, 1)
         carrying = np.nonzero(self.held >= 0)[0]
         self.object_xy[carrying, self.held[carrying]] = self.gripper_xy[carrying]
         close = actions[:, 6] < 0

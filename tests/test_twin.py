@@ -273,6 +273,40 @@ def reach(env: T.TwinVecEnv, xy, gripper: float) -> list[dict]:
     return infos
 
 
+def test_a_policy_acting_through_the_action_tokens_sees_the_experts_frames():
+    """A cloned policy's actions are bin centres (+-0.996 for a whole step): the twin rounds
+    moves to hundredths, so the expert's own actions, decoded from their tokens, visit the
+    very frames of its demonstrations (unrounded, the gripper drifted 0.2 px a step and was
+    drawn 1 px off after a few steps; README: why the tiny VLA stalled there)."""
+    from model import ActionTokenizer, NormStats
+
+    tokenizer, stats = ActionTokenizer(32000), NormStats.identity()
+    ids = list(range(16))
+    expert, obs_e = start("pretrain", ids=ids)
+    cloned, obs_c = start("pretrain", ids=ids)
+    decoded = []
+    for _ in range(12):
+        actions = expert.expert_action()
+        tokens = tokenizer.encode(stats.normalize(actions))
+        decoded.append(stats.unnormalize(tokenizer.decode(tokens)))
+        np.testing.assert_array_equal(obs_c["image"], obs_e["image"])
+        obs_e = expert.step(actions)[0]
+        obs_c = cloned.step(decoded[-1])[0]
+    moves = np.abs(np.concatenate(decoded)[:, :2])
+    assert 0.99 < moves.max() < 1.0, "whole steps decode to bin centres just under 1"
+    np.testing.assert_array_equal(obs_c["image"], obs_e["image"])
+    np.testing.assert_allclose(cloned.gripper_xy, expert.gripper_xy, atol=1e-9)
+
+
+def test_moves_are_rounded_to_hundredths_of_a_step():
+    env, _ = start("ind", ids=[3])
+    home = env.gripper_xy[0].copy()
+    actions = idle(1)
+    actions[0, :2] = [0.996, -0.334]
+    env.step(actions)
+    np.testing.assert_allclose(env.gripper_xy[0], home + T.STEP * np.array([1.0, -0.33]), atol=1e-12)
+
+
 def test_grasping_needs_closing_near_the_object():
     env, _ = start("ind", ids=[3])
     obj = env.object_xy[0, 0].copy()
