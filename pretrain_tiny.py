@@ -5,7 +5,9 @@ OpenVLA was pretrained on ~1M robot episodes before arXiv 2505.19789 fine-tuned 
 `pretrain` split plays that part: many objects, its own receptacles, tables and instruction
 templates, one- and two-object scenes, and none of the assets of an OOD split (twin_env.py).
 Every weight is trained (a random base learns far too slowly through LoRA), with OpenVLA's
-loss: cross-entropy on the 7 action tokens. The result loads like the 7B checkpoint:
+loss: cross-entropy on the 7 action tokens, in two phases: first only the frames where the
+instruction's names alone decide the move (so the model learns to read them), then all frames
+with those kept in every batch. The result loads like the 7B checkpoint:
 
     make pretrain            # = python pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
@@ -47,12 +49,13 @@ class Args:
     the first shipped model dropped them and then re-grasped placed objects"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    total_steps: int = 20000
+    total_steps: int = 16000
     """optimizer steps"""
     batch_size: int = 64
     """frames per step"""
-    learning_rate: float = 2e-3
-    """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)"""
+    learning_rate: float = 1e-3
+    """AdamW peak learning rate (linear warm-up, then cosine decay to 10%); at 2e-3 the names
+    bound later in a probe of the grounding phase (README)"""
     warmup_steps: int = 200
     """steps of linear learning-rate warm-up"""
     eval_every: int = 2000
@@ -61,12 +64,24 @@ class Args:
     """episodes per evaluation, at temperature 0.6, on pretrain and on multi_object_seen"""
     save_every: int = 250
     """write the resumable state every K steps"""
+    grounding_steps: int = 3000
+    """first optimizer steps drawn only from the grounding frames (see grounding_frames), where
+    nothing but the instruction's names tells the move; 0: none"""
+    grounding_share: float = 0.5
+    """share of every later batch still drawn from the grounding frames (0: all frames alike)"""
+    grounding_window: int = 3
+    """grounding frames per choice: the first K steps of a two-object scene, and the first K
+    carrying steps of a two-receptacle scene"""
 
 
 def check_args(args: Args) -> None:
     require_positive(args, "image_size", "num_demos", "heldout_demos", "total_steps", "batch_size",
-                     "warmup_steps", "eval_every", "eval_episodes", "save_every")
+                     "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window")
     require_finite_positive(args, "learning_rate")
+    if args.grounding_steps < 0:
+        raise ValueError(f"--grounding-steps must be >= 0, got {args.grounding_steps}")
+    if not 0.0 <= args.grounding_share < 1.0:
+        raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
         raise ValueError(f"--resume: no {args.run_dir}/state.pt to continue from (run without --resume)")
     if args.image_size % TINY_PATCH_SIZE:
@@ -110,6 +125,7 @@ from model import (
     save_openvla_dir,
     weights_fingerprint,
 )
+from twin_env import decode_episode
 
 UNNORM_KEY = "twin_pretrain"
 
@@ -120,6 +136,37 @@ def learning_rate_at(step: int, args: Args) -> float:
         return args.learning_rate * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
     return args.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def grounding_frames(records: list[dict], window: int) -> np.ndarray:
+    """Indices of the frames where only the instruction's names tell the expert's move: the first
+    WINDOW steps of a two-object scene (towards the named one, before its grasp, the first close:
+    action[6] < 0) and the first WINDOW steps that carry it closed in a two-receptacle scene.
+
+    Trained on all frames alike, the model learns a name-blind policy that is right in ~70% of
+    two-object first steps (it goes to one object whatever the instruction says) and never leaves
+    it; a random model trained first on these frames alone does bind the names, and keeps them
+    when the other frames join (README, "The pretrained tiny VLA")."""
+    chosen, start = [], 0
+    for record in records:
+        episode, closed = decode_episode("pretrain", record["episode_seed"]), record["actions"][:, 6] < 0
+        grasp = int(np.argmax(closed)) if closed.any() else len(closed)
+        steps = np.arange(len(closed))
+        picks = (len(episode.objects) > 1) & (steps < min(grasp, window))
+        carries = (len(episode.receptacles) > 1) & (steps > grasp) & (steps <= grasp + window) & closed
+        chosen.append(start + np.flatnonzero(picks | carries))
+        start += len(closed)
+    return np.concatenate(chosen)
+
+
+def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: int, grounding: np.ndarray,
+                  args: Args) -> np.ndarray:
+    """One rank's frame indices [SIZE]: grounding frames only for the first --grounding-steps,
+    then --grounding-share of them and the rest from all frames."""
+    share = 1.0 if step < args.grounding_steps else args.grounding_share
+    num_grounding = round(share * size)
+    return np.concatenate([rng.choice(grounding, size=num_grounding),
+                           rng.integers(0, num_frames, size=size - num_grounding)])
 
 
 def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, float]:
@@ -159,6 +206,7 @@ def main(args: Args) -> dict[str, float]:
     vla.train()
     action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
     tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
+    grounding = grounding_frames(records["train"], args.grounding_window)  # [G] frame indices
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
     optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
@@ -179,7 +227,7 @@ def main(args: Args) -> dict[str, float]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_rng.integers(0, len(frames), size=rank_batch)
+        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, args)
         inputs = prepare_inputs(vla, tokenizer, frames.read_images(index), [frames.instructions[i] for i in index])
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
@@ -227,7 +275,7 @@ def main(args: Args) -> dict[str, float]:
     save_openvla_dir(output, vla, tokenizer, norm_stats={UNNORM_KEY: stats})
     recipe = {"args": asdict(args), "fingerprint": weights_fingerprint(vla.state_dict()),
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
-              "val_loss": metrics.get("val/loss"), "frames": len(frames)}
+              "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding)}
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()
     print(f"wrote {output} (held-out success: {recipe['success']})")

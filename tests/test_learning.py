@@ -56,7 +56,7 @@ def warmup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], 
 
 def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(warmup, base_success: float) -> None:
     final, _ = warmup
-    assert final["eval/success"] >= base_success + 0.3, (base_success, final)
+    assert final["eval/success"] >= max(0.9, base_success + 0.15), (base_success, final)
 
 
 def test_ppo_from_the_warmup_reaches_90_percent_under_torchrun(tmp_path: Path, warmup) -> None:

@@ -59,3 +59,38 @@ def test_it_acts_as_measured_at_export(pretrained, recipe: dict) -> None:
     greedy = pretrained.act(np.zeros((2, pretrained.image_size, pretrained.image_size, 3), np.uint8),
                             ["put red cube on plate"] * 2, 0.0).actions
     assert greedy.shape == (2, 7) and np.isin(greedy[:, 6], (-1.0, 1.0)).all()
+
+
+def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_path) -> None:
+    # Replayed through the twin, pretrain_tiny's grounding frames must be the first steps of a
+    # two-object scene before its target is grasped and the first steps that carry it closed in
+    # a two-receptacle scene, and nothing of a one-object, one-receptacle scene.
+    from demos import ensure_demos
+    from pretrain_tiny import Args, batch_indices, grounding_frames
+    window = 2
+    records = ensure_demos(tmp_path, {"train": 24}, "twin", "pretrain", 32, 30, num_envs=8)["train"]
+    expected, kinds = [], set()
+    for record in records:
+        env = make_vec_env("pretrain", 1, 32, seed=1, env="twin")
+        env.reset(options={"episode_ids": [record["episode_seed"]]})
+        objects, receptacles = len(env.episodes[0].objects), len(env.episodes[0].receptacles)
+        kinds.add((objects, receptacles))
+        grasped_at = None
+        for t, action in enumerate(record["actions"]):
+            if grasped_at is None and env.held[0] == 0:
+                grasped_at = t - 1  # the close step before the first step that holds it
+            expected.append((objects == 2 and grasped_at is None and t < window and action[6] > 0)
+                            or (receptacles == 2 and grasped_at is not None and t <= grasped_at + window
+                                and action[6] < 0))
+            env.step(action[None])
+        env.close()
+    assert {(1, 1), (2, 1), (1, 2)} <= kinds, "precondition: the episodes cover the scene kinds"
+    grounding = grounding_frames(records, window)
+    np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
+
+    # The batches: grounding frames only during the first --grounding-steps, then the share asked.
+    args, num_frames, rng = Args(grounding_steps=5, grounding_share=0.5), len(expected), np.random.default_rng(0)
+    assert np.isin(batch_indices(rng, 4, 64, num_frames, grounding, args), grounding).all()
+    later = np.isin(np.concatenate([batch_indices(rng, 5, 64, num_frames, grounding, args) for _ in range(50)]),
+                    grounding).mean()
+    assert 0.5 < later < 0.5 + 1.5 * len(grounding) / num_frames, later  # half, plus the other half's share
