@@ -207,6 +207,9 @@ def main(args: Args) -> dict[str, float]:
     action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
     tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
     grounding = grounding_frames(records["train"], args.grounding_window)  # [G] frame indices
+    if not len(grounding) and (args.grounding_steps or args.grounding_share):
+        sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
+                 "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
     optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
