@@ -70,13 +70,16 @@ class Args:
     grounding_share: float = 0.5
     """share of every later batch still drawn from the grounding frames (0: all frames alike)"""
     grounding_window: int = 3
-    """grounding frames per choice: the first K steps of a two-object scene, and the first K
-    carrying steps of a two-receptacle scene"""
+    """grounding frames of a two-object scene: its first K steps (towards the named object)"""
+    carry_window: int = 12
+    """grounding frames of a two-receptacle scene: its first K carrying steps (12: the whole
+    carry, 4-7 steps in the expert's demos; README: 3 vs 12)"""
 
 
 def check_args(args: Args) -> None:
     require_positive(args, "image_size", "num_demos", "heldout_demos", "total_steps", "batch_size",
-                     "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window")
+                     "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window",
+                     "carry_window")
     require_finite_positive(args, "learning_rate")
     if args.grounding_steps < 0:
         raise ValueError(f"--grounding-steps must be >= 0, got {args.grounding_steps}")
@@ -138,10 +141,10 @@ def learning_rate_at(step: int, args: Args) -> float:
     return args.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def grounding_frames(records: list[dict], window: int) -> np.ndarray:
+def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.ndarray:
     """Indices of the frames where only the instruction's names tell the expert's move: the first
     WINDOW steps of a two-object scene (towards the named one, before its grasp, the first close:
-    action[6] < 0) and the first WINDOW steps that carry it closed in a two-receptacle scene.
+    action[6] < 0) and the first CARRY_WINDOW steps that carry it closed in a two-receptacle scene.
 
     Trained on all frames alike, the model learns a name-blind policy that is right in ~70% of
     two-object first steps (it goes to one object whatever the instruction says) and never leaves
@@ -153,7 +156,7 @@ def grounding_frames(records: list[dict], window: int) -> np.ndarray:
         grasp = int(np.argmax(closed)) if closed.any() else len(closed)
         steps = np.arange(len(closed))
         picks = (len(episode.objects) > 1) & (steps < min(grasp, window))
-        carries = (len(episode.receptacles) > 1) & (steps > grasp) & (steps <= grasp + window) & closed
+        carries = (len(episode.receptacles) > 1) & (steps > grasp) & (steps <= grasp + carry_window) & closed
         chosen.append(start + np.flatnonzero(picks | carries))
         start += len(closed)
     return np.concatenate(chosen)
@@ -206,7 +209,7 @@ def main(args: Args) -> dict[str, float]:
     vla.train()
     action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
     tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
-    grounding = grounding_frames(records["train"], args.grounding_window)  # [G] frame indices
+    grounding = grounding_frames(records["train"], args.grounding_window, args.carry_window)  # [G] frame indices
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")

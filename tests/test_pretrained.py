@@ -67,7 +67,7 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
     # a two-receptacle scene, and nothing of a one-object, one-receptacle scene.
     from demos import ensure_demos
     from pretrain_tiny import Args, batch_indices, grounding_frames
-    window = 2
+    window, carry_window = 2, 3
     records = ensure_demos(tmp_path, {"train": 24}, "twin", "pretrain", 32, 30, num_envs=8)["train"]
     expected, kinds = [], set()
     for record in records:
@@ -80,12 +80,12 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
             if grasped_at is None and env.held[0] == 0:
                 grasped_at = t - 1  # the close step before the first step that holds it
             expected.append((objects == 2 and grasped_at is None and t < window and action[6] > 0)
-                            or (receptacles == 2 and grasped_at is not None and t <= grasped_at + window
+                            or (receptacles == 2 and grasped_at is not None and t <= grasped_at + carry_window
                                 and action[6] < 0))
             env.step(action[None])
         env.close()
     assert {(1, 1), (2, 1), (1, 2)} <= kinds, "precondition: the episodes cover the scene kinds"
-    grounding = grounding_frames(records, window)
+    grounding = grounding_frames(records, window, carry_window)
     np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
 
     # The batches: grounding frames only during the first --grounding-steps, then the share asked.
