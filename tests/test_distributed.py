@@ -136,4 +136,6 @@ def test_evaluate_ood_on_two_ranks_gives_every_episode_of_one_process(tmp_path: 
             np.testing.assert_allclose(a["returns"], b["returns"], rtol=1e-5, err_msg=split)
     outcomes = [(s, r) for runs in one.values() for run in runs
                 for s, r in zip(run["success"], run["returns"], strict=True)]
-    assert len(set(outcomes)) >= 4, f"outcomes vary between episodes, so equality is informative: {outcomes}"
+    successes = np.mean([s for s, _ in outcomes])
+    assert len(set(outcomes)) >= 3 and 0.2 < successes < 0.8, \
+        f"outcomes vary between episodes, so equality is informative: {outcomes}"
