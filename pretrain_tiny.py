@@ -72,8 +72,8 @@ class Args:
     grounding_window: int = 3
     """grounding frames of a two-object scene: its first K steps (towards the named object)"""
     carry_window: int = 12
-    """grounding frames of a two-receptacle scene: its first K carrying steps (12: the whole
-    carry, 4-7 steps in the expert's demos; README: 3 vs 12)"""
+    """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
+    carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: README)"""
 
 
 def check_args(args: Args) -> None:
