@@ -11,7 +11,7 @@ steps; PPO from the base (lr 1e-3) 89.1% after 8 iterations of 128 envs (rollout
 reached ~55% and PPO ~32%.
 GRPO and DPO learn more slowly:
 their tests measure the policy they train, sampled at the training temperature 1.0, over the
-rollouts of the run itself (128 episodes per GRPO iteration, 512 per DPO round). At the
+rollouts of the run itself (128 episodes per GRPO iteration, 1024 per DPO round). At the
 evaluation temperature 0.6 their gain at these budgets is within noise (README, "What did not
 work").
 """
