@@ -484,7 +484,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
         # Moves in hundredths of a step: the action tokenizer's bin centres (+-0.996 for a whole
         # step) would otherwise drift a policy 0.2 px a step off the positions every expert
         # demonstration visits, and the tiny VLA, which never saw a frame 1 px off, stalled there
-        # (README: 19 of 19 stalled one-object failures; the warm-up on `ind` 77% -> 95%).
+        # (docs/PRETRAINING.md: 19 of 19 stalled one-object failures; the warm-up on `ind` 77% -> 95%).
         moves = np.round(actions[:, :2].astype(np.float64), MOVE_DECIMALS)
         self.gripper_xy = np.clip(self.gripper_xy + STEP * moves, 0, 1)
         carrying = np.nonzero(self.held >= 0)[0]
