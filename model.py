@@ -62,7 +62,7 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 PRESETS = ("tiny", "openvla-7b")
 CRITIC_MODES = ("h0", "last", "concat", "separate")
 OPENVLA_IMAGE_SIZE = 224  # both towers of OpenVLA-7B take 224 px images
-TINY_IMAGE_SIZE = 64  # 64 px / patch 16 = 4 x 4 = 16 patches per tower (README: learnability)
+TINY_IMAGE_SIZE = 64  # 64 px / patch 16 = 4 x 4 = 16 patches per tower (docs/PRETRAINING.md)
 TINY_PATCH_SIZE = 16
 TINY_BASE_SEED = 20250519  # fixed: every tiny base is identical, so any saved LoRA fits any run
 
@@ -182,7 +182,7 @@ def padded_vocab_size(text_vocab_size: int, multiple: int = 64) -> int:
 def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
     """The same modules as OpenVLA-7B at toy width and depth: ~1.5M weights (7B: 7.54B).
 
-    Sized for learning on a 2-core CPU (README, "What it took to learn"): the language model's
+    Sized for learning on a 2-core CPU (docs/PRETRAINING.md, "Reading the names"): the language model's
     cost grows with its sequence, so 16 patches of 16 px (the 7B has 256 of 14 px), and width
     96 (twice the samples/s of 128 at the same held-out accuracy on the twin).
     """

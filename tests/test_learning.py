@@ -12,8 +12,8 @@ reached ~55% and PPO ~32%.
 GRPO and DPO learn more slowly:
 their tests measure the policy they train, sampled at the training temperature 1.0, over the
 rollouts of the run itself (128 episodes per GRPO iteration, 1024 per DPO round). At the
-evaluation temperature 0.6 their gain at these budgets is within noise (README, "What did not
-work").
+evaluation temperature 0.6 their gain at these budgets is within noise (README, "What worked,
+and what did not").
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def test_a_policy_acting_through_the_action_tokens_sees_the_experts_frames():
     """A cloned policy's actions are bin centres (+-0.996 for a whole step): the twin rounds
     moves to hundredths, so the expert's own actions, decoded from their tokens, visit the
     very frames of its demonstrations (unrounded, the gripper drifted 0.2 px a step and was
-    drawn 1 px off after a few steps; README: why the tiny VLA stalled there)."""
+    drawn 1 px off after a few steps; docs/PRETRAINING.md: why the tiny VLA stalled there)."""
     from model import ActionTokenizer, NormStats
 
     tokenizer, stats = ActionTokenizer(32000), NormStats.identity()
