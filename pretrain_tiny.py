@@ -33,6 +33,9 @@ class Args:
     """where the resumable training state and TensorBoard logs go"""
     resume: bool = False
     """continue an interrupted pretraining from RUN_DIR/state.pt"""
+    first_cycle_model: str | None = None
+    """skip the first cycle: start the second from this model directory, written by a run of the
+    first cycle alone (--receptacle-steps 0 --receptacle-mix-steps 0) on the same demonstrations"""
     seed: int = 0
     """seed of the weights' training order (the random init itself is fixed, see model.py)"""
     image_size: int = 64
@@ -49,8 +52,9 @@ class Args:
     the first shipped model dropped them and then re-grasped placed objects"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    total_steps: int = 16000
-    """optimizer steps (20,000 reached 77.3%, no better than 16,000's 76.6%: docs/PRETRAINING.md)"""
+    base_steps: int = 16000
+    """optimizer steps of the first cycle, the grounding phase and the mix (20,000 reached 77.3%,
+    no better than 16,000's 76.6%: docs/PRETRAINING.md)"""
     batch_size: int = 64
     """frames per step"""
     learning_rate: float = 1e-3
@@ -74,19 +78,41 @@ class Args:
     carry_window: int = 12
     """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
     carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: README)"""
+    receptacle_steps: int = 2000
+    """second cycle (a fresh AdamW): steps on the receptacle pairs (every carrying frame of a
+    two-receptacle scene and its twin: the same image, the other receptacle named, the expert's
+    move to it) and the two-object grounding frames only; 0: no second cycle"""
+    receptacle_mix_steps: int = 4000
+    """then steps with --grounding-share of every batch from those, the rest from all frames
+    (without them the model forgets the rest of the task)"""
+    receptacle_learning_rate: float = 5e-4
+    """peak learning rate of the second cycle (warm-up, then cosine decay to 10%)"""
 
 
 def check_args(args: Args) -> None:
-    require_positive(args, "image_size", "num_demos", "heldout_demos", "total_steps", "batch_size",
+    require_positive(args, "image_size", "num_demos", "heldout_demos", "base_steps", "batch_size",
                      "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window",
                      "carry_window")
-    require_finite_positive(args, "learning_rate")
-    if args.grounding_steps < 0:
-        raise ValueError(f"--grounding-steps must be >= 0, got {args.grounding_steps}")
+    require_finite_positive(args, "learning_rate", "receptacle_learning_rate")
+    for name in ("grounding_steps", "receptacle_steps", "receptacle_mix_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.grounding_share < 1.0:
         raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
         raise ValueError(f"--resume: no {args.run_dir}/state.pt to continue from (run without --resume)")
+    if args.first_cycle_model is not None:
+        if args.resume:
+            raise ValueError("--first-cycle-model starts a new run: drop it to --resume the run it started")
+        if args.receptacle_steps + args.receptacle_mix_steps == 0:
+            raise ValueError("--first-cycle-model skips the first cycle: there must be a second "
+                             "(--receptacle-steps or --receptacle-mix-steps > 0)")
+        from model import model_image_size  # reads config.json only
+
+        size = model_image_size(args.first_cycle_model)
+        if size != args.image_size:
+            raise ValueError(f"--first-cycle-model {args.first_cycle_model} takes {size} px images, "
+                             f"not --image-size {args.image_size}")
     if args.image_size % TINY_PATCH_SIZE:
         raise ValueError(f"--image-size must be a multiple of {TINY_PATCH_SIZE} (the tiny model's patch), "
                          f"got {args.image_size}")
@@ -124,6 +150,7 @@ from model import (
     NormStats,
     action_token_loss,
     build_tiny_vla,
+    load_openvla_dir,
     prepare_inputs,
     save_openvla_dir,
     weights_fingerprint,
@@ -133,12 +160,21 @@ from twin_env import decode_episode
 UNNORM_KEY = "twin_pretrain"
 
 
+def total_steps(args: Args) -> int:
+    return args.base_steps + args.receptacle_steps + args.receptacle_mix_steps
+
+
 def learning_rate_at(step: int, args: Args) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+    """Two cycles (the base, then the receptacles'), each a linear warm-up, then cosine decay to
+    10% of its peak."""
+    peak, start, length = args.learning_rate, 0, args.base_steps
+    if step >= args.base_steps:
+        peak, start, length = args.receptacle_learning_rate, args.base_steps, total_steps(args) - args.base_steps
+    step -= start
     if step < args.warmup_steps:
-        return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
-    return args.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return peak * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, length - args.warmup_steps)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.ndarray:
@@ -162,14 +198,48 @@ def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.
     return np.concatenate(chosen)
 
 
+def receptacle_pairs(episode_ids: np.ndarray, image_size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The expert replayed from these episodes' initial states: every frame that carries the
+    target closed in a two-receptacle scene, twice: as demonstrated, and as its twin, the same
+    image with the other receptacle named and the expert's move towards that one.
+    Returns images uint8 [2P, H, W, 3], instructions [2P], actions float32 [2P, 7].
+
+    On the demonstrated carrying frames a carry that ignores the name is already right in 79% of
+    those where the name decides (the first cycle's model, measured), and the model never learns
+    to read it; among the pairs any such guess is right half the time (docs/PRETRAINING.md)."""
+    ids = np.array([i for i in episode_ids if len(decode_episode("pretrain", int(i)).receptacles) > 1])
+    images, instructions, actions = [], [], []
+    for start in range(0, len(ids), 64):
+        envs = make_vec_env("pretrain", len(ids[start:start + 64]), image_size, env="twin")
+        obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
+        for _ in range(envs.max_episode_steps):
+            expert, target_xy = envs.expert_action(), envs.receptacle_xy
+            envs.receptacle_xy = np.array([ep.receptacle_xy[1] for ep in envs.episodes])  # the other one
+            twin = envs.expert_action()
+            envs.receptacle_xy = target_xy
+            for i in np.flatnonzero((envs.held == 0) & (expert[:, 6] < 0)):
+                ep = envs.episodes[i]
+                images += [obs["image"][i]] * 2
+                instructions += [ep.instruction, ep.template.format(object=ep.objects[0], receptacle=ep.receptacles[1])]
+                actions += [expert[i], twin[i]]
+            obs, *_ = envs.step(expert)
+        envs.close()
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), [], np.zeros((0, 7), np.float32)
+    return np.stack(images), instructions, np.stack(actions).astype(np.float32)
+
+
 def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: int, grounding: np.ndarray,
-                  args: Args) -> np.ndarray:
-    """One rank's frame indices [SIZE]: grounding frames only for the first --grounding-steps,
-    then --grounding-share of them and the rest from all frames."""
-    share = 1.0 if step < args.grounding_steps else args.grounding_share
-    num_grounding = round(share * size)
-    return np.concatenate([rng.choice(grounding, size=num_grounding),
-                           rng.integers(0, num_frames, size=size - num_grounding)])
+                  receptacle_set: np.ndarray, args: Args) -> np.ndarray:
+    """One rank's frame indices [SIZE]. First cycle: grounding frames only for the first
+    --grounding-steps, then --grounding-share of them and the rest from all frames. Second
+    cycle: the same with RECEPTACLE_SET (pairs and object grounding frames) and --receptacle-steps."""
+    first_cycle = step < args.base_steps
+    chosen = grounding if first_cycle else receptacle_set
+    alone = step < args.grounding_steps if first_cycle else step < args.base_steps + args.receptacle_steps
+    num_chosen = round((1.0 if alone else args.grounding_share) * size)
+    return np.concatenate([rng.choice(chosen, size=num_chosen),
+                           rng.integers(0, num_frames, size=size - num_chosen)])
 
 
 def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, float]:
@@ -214,27 +284,53 @@ def main(args: Args) -> dict[str, float]:
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
+    pair_images, pair_texts, pair_actions = receptacle_pairs(
+        np.array([r["episode_seed"] for r in records["train"]]), args.image_size)
+    if not len(pair_actions) and total_steps(args) > args.base_steps:
+        sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second cycle: "
+                 "raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
+    pairs = len(frames) + np.arange(len(pair_actions))  # [2P] indices past the demonstrations' frames
+    # The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
+    # receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames.
+    receptacle_set = np.concatenate([grounding_frames(records["train"], args.grounding_window, 0), pairs])
+    tokens = np.concatenate([tokens, action_tokenizer.encode(stats.normalize(pair_actions))])
+
+    def batch_of(index: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Images [B, H, W, 3] and instructions of frames `index` (demonstrations, then pairs)."""
+        own = index < len(frames)
+        images = np.empty((len(index), args.image_size, args.image_size, 3), np.uint8)
+        images[own], images[~own] = frames.read_images(index[own]), pair_images[index[~own] - len(frames)]
+        return images, [frames.instructions[i] if i < len(frames) else pair_texts[i - len(frames)] for i in index]
     optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
-    start_step = 0
+    start_step, base_fingerprint = 0, None
     if args.resume:
         state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
         vla.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batch_rng.bit_generator.state = state["batch_rngs"][rank]
-        start_step = state["step"]
+        start_step, base_fingerprint = state["step"], state.get("base_fingerprint")
+    elif args.first_cycle_model is not None:  # its optimizer is not needed: the second cycle starts a fresh one
+        base, _, base_stats, _ = load_openvla_dir(args.first_cycle_model, torch.device("cpu"), UNNORM_KEY)
+        if not (np.allclose(base_stats.q01, stats.q01) and np.allclose(base_stats.q99, stats.q99)):
+            sys.exit(f"error: {args.first_cycle_model} was trained on other demonstrations (its norm_stats differ)")
+        vla.load_state_dict(base.state_dict())
+        start_step = args.base_steps
     writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None) if rank == 0 else None
     metrics: dict[str, float] = {}
     rank_batch = args.batch_size // world
-    bar = tqdm(range(start_step, args.total_steps), desc="pretrain", initial=start_step, total=args.total_steps,
+    bar = tqdm(range(start_step, total_steps(args)), desc="pretrain", initial=start_step, total=total_steps(args),
                disable=rank > 0)
     t0 = time.perf_counter()
 
     for step in bar:
+        if step == args.base_steps:  # the second cycle starts from fresh moments, as a fine-tuning run does
+            optimizer = torch.optim.AdamW(vla.parameters(), lr=args.receptacle_learning_rate, weight_decay=0.01)
+            base_fingerprint = weights_fingerprint(vla.state_dict())
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, args)
-        inputs = prepare_inputs(vla, tokenizer, frames.read_images(index), [frames.instructions[i] for i in index])
+        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, receptacle_set, args)
+        inputs = prepare_inputs(vla, tokenizer, *batch_of(index))
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
         optimizer.zero_grad(set_to_none=True)
@@ -247,7 +343,7 @@ def main(args: Args) -> dict[str, float]:
         metrics = {"train/loss": loss.item(), "train/lr": learning_rate_at(step, args),
                    "train/token_accuracy": float((predicted.numpy() == tokens[index]).mean()),
                    "time/steps_per_s": (done - start_step) / (time.perf_counter() - t0)}
-        if rank == 0 and (done % args.eval_every == 0 or done == args.total_steps):
+        if rank == 0 and (done % args.eval_every == 0 or done in (args.base_steps, total_steps(args))):
             vla.eval()
             with torch.no_grad():
                 index = np.arange(min(len(heldout), 512))
@@ -263,7 +359,7 @@ def main(args: Args) -> dict[str, float]:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, done)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if done % args.save_every == 0 or done == args.total_steps:
+        if done % args.save_every == 0 or done == total_steps(args):
             batch_rngs: list = [batch_rng.bit_generator.state]
             if world > 1:
                 batch_rngs = [None] * world
@@ -271,7 +367,7 @@ def main(args: Args) -> dict[str, float]:
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": vla.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                            "batch_rngs": batch_rngs}, run_dir / "state.tmp")
+                            "batch_rngs": batch_rngs, "base_fingerprint": base_fingerprint}, run_dir / "state.tmp")
                 os.replace(run_dir / "state.tmp", run_dir / "state.pt")
     if rank > 0:
         return metrics
@@ -280,8 +376,10 @@ def main(args: Args) -> dict[str, float]:
     vla.eval()
     save_openvla_dir(output, vla, tokenizer, norm_stats={UNNORM_KEY: stats})
     recipe = {"args": asdict(args), "fingerprint": weights_fingerprint(vla.state_dict()),
+              "base_fingerprint": base_fingerprint,  # the weights at the end of the first cycle
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
-              "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding)}
+              "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding),
+              "receptacle_pairs": len(pairs) // 2}
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()
     print(f"wrote {output} (held-out success: {recipe['success']})")

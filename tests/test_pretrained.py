@@ -88,9 +88,67 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
     grounding = grounding_frames(records, window, carry_window)
     np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
 
-    # The batches: grounding frames only during the first --grounding-steps, then the share asked.
-    args, num_frames, rng = Args(grounding_steps=5, grounding_share=0.5), len(expected), np.random.default_rng(0)
-    assert np.isin(batch_indices(rng, 4, 64, num_frames, grounding, args), grounding).all()
-    later = np.isin(np.concatenate([batch_indices(rng, 5, 64, num_frames, grounding, args) for _ in range(50)]),
-                    grounding).mean()
-    assert 0.5 < later < 0.5 + 1.5 * len(grounding) / num_frames, later  # half, plus the other half's share
+    # The batches: grounding frames only during the first --grounding-steps, then the share asked;
+    # in the second cycle the same with the receptacle pairs (indices past the frames).
+    args = Args(grounding_steps=5, grounding_share=0.5, base_steps=10, receptacle_steps=5)
+    num_frames, rng, pairs = len(expected), np.random.default_rng(0), len(expected) + np.arange(40)
+    for first, alone in ((0, 5), (10, 15)):
+        chosen = grounding if first == 0 else pairs
+        assert np.isin(batch_indices(rng, alone - 1, 64, num_frames, grounding, pairs, args), chosen).all()
+        later = np.concatenate([batch_indices(rng, alone, 64, num_frames, grounding, pairs, args)
+                                for _ in range(50)])
+        share = np.isin(later, chosen).mean()  # half, + the rest's share of the grounding frames (pairs: none)
+        assert share == 0.5 if first else 0.5 < share < 0.5 + 1.5 * len(chosen) / num_frames, share
+        assert later.max() < num_frames + (len(pairs) if first else 0)
+
+
+def test_a_receptacle_pair_is_a_carrying_frame_and_its_twin_with_the_other_receptacle_named() -> None:
+    # The twin must be what the expert does in the same state when the other receptacle is the
+    # target: the same episode with its two receptacles swapped, played to its first carrying
+    # frame (nothing before the grasp depends on the receptacle), must show the same image and
+    # instruction and ask for the same action.
+    from pretrain_tiny import receptacle_pairs
+    from twin_env import decode_episode
+    ids = [i for i in range(400) if len(decode_episode("pretrain", i).receptacles) == 2][:6]
+    one = next(i for i in range(400) if len(decode_episode("pretrain", i).receptacles) == 1)
+    assert len(receptacle_pairs(np.array([one]), 32)[0]) == 0  # one receptacle: the name never decides
+    differ = 0
+    for episode_id in ids:
+        images, instructions, actions = receptacle_pairs(np.array([episode_id]), 32)
+        assert len(images) >= 4 and len(images) % 2 == 0
+        np.testing.assert_array_equal(images[0::2], images[1::2])
+        assert (actions[0::2, 6] < 0).all()  # carrying: closed
+        env = make_vec_env("pretrain", 1, 32, env="twin")
+        obs, _ = env.reset(options={"episode_ids": [episode_id]})
+        env.episodes[0].receptacles.reverse()
+        env.episodes[0].receptacle_xy.reverse()
+        env._load_state()
+        while env.held[0] != 0:
+            obs, *_ = env.step(env.expert_action())
+        np.testing.assert_array_equal(obs["image"][0], images[1])
+        assert instructions[1] == env.episodes[0].instruction != instructions[0]
+        np.testing.assert_array_equal(env.expert_action()[0], actions[1])
+        differ += not np.array_equal(actions[0], actions[1])
+    assert differ >= 3, "precondition: the two receptacles mostly ask for different first carrying moves"
+
+
+def test_the_second_cycle_starts_from_the_first_cycles_model(tmp_path) -> None:
+    # --first-cycle-model: the second cycle (the receptacle pairs) continues the weights a
+    # first-cycle-only run wrote, and the recipe records which; a model of another size is refused.
+    import pretrain_tiny
+    small = dict(num_demos=24, heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100,
+                 eval_episodes=4, save_every=100, grounding_steps=1, demo_dir=str(tmp_path / "demos"))
+    first = pretrain_tiny.Args(**small, base_steps=3, receptacle_steps=0, receptacle_mix_steps=0,
+                               output=str(tmp_path / "first"), run_dir=str(tmp_path / "run1"))
+    pretrain_tiny.main(first)
+    second = pretrain_tiny.Args(**small, base_steps=3, receptacle_steps=2, receptacle_mix_steps=2,
+                                first_cycle_model=first.output, output=str(tmp_path / "second"),
+                                run_dir=str(tmp_path / "run2"))
+    pretrain_tiny.check_args(second)
+    pretrain_tiny.main(second)
+    made = {name: json.loads((tmp_path / name / "pretrain_config.json").read_text()) for name in ("first", "second")}
+    assert made["second"]["base_fingerprint"] == made["first"]["fingerprint"] != made["second"]["fingerprint"]
+    assert made["second"]["receptacle_pairs"] > 0
+    other = pretrain_tiny.Args(**{**small, "image_size": 64}, receptacle_steps=2, first_cycle_model=first.output)
+    with pytest.raises(ValueError, match="takes 32 px images"):
+        pretrain_tiny.check_args(other)
