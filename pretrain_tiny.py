@@ -5,9 +5,12 @@ OpenVLA was pretrained on ~1M robot episodes before arXiv 2505.19789 fine-tuned 
 `pretrain` split plays that part: many objects, its own receptacles, tables and instruction
 templates, one- and two-object scenes, and none of the assets of an OOD split (twin_env.py).
 Every weight is trained (a random base learns far too slowly through LoRA), with OpenVLA's
-loss: cross-entropy on the 7 action tokens, in two phases: first only the frames where the
-instruction's names alone decide the move (so the model learns to read them), then all frames
-with those kept in every batch. The result loads like the 7B checkpoint:
+loss: cross-entropy on the 7 action tokens, in two cycles of two phases each. First cycle: only
+the frames where the instruction's names alone decide the move (so the model learns to read
+them), then all frames with those kept in every batch; it reads the objects' names but not the
+receptacles'. Second cycle: the receptacle pairs (a carrying frame and its twin with the other
+receptacle named) beside the object frames, then all frames with those kept in every batch
+(docs/PRETRAINING.md). The result loads like the 7B checkpoint:
 
     make pretrain            # = python pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
@@ -77,7 +80,8 @@ class Args:
     """grounding frames of a two-object scene: its first K steps (towards the named object)"""
     carry_window: int = 12
     """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
-    carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: README)"""
+    carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
+    cycle's pairs do, docs/PRETRAINING.md)"""
     receptacle_steps: int = 2000
     """second cycle (a fresh AdamW): steps on the receptacle pairs (every carrying frame of a
     two-receptacle scene and its twin: the same image, the other receptacle named, the expert's
