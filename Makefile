@@ -37,7 +37,7 @@ study: setup
 demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
-# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin), ~90-120 min on 2 cores.
+# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin), ~60-70 min on 2 cores.
 pretrain: setup
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 
