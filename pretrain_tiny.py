@@ -22,6 +22,7 @@ and the measured held-out success), so a test can check the shipped model agains
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -112,9 +113,11 @@ def check_args(args: Args) -> None:
         if args.receptacle_steps + args.receptacle_mix_steps == 0:
             raise ValueError("--first-cycle-model skips the first cycle: there must be a second "
                              "(--receptacle-steps or --receptacle-mix-steps > 0)")
-        from model import model_image_size  # reads config.json only
-
-        size = model_image_size(args.first_cycle_model)
+        config = os.path.join(args.first_cycle_model, "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"--first-cycle-model: no {config} (an OpenVLA-layout model directory)")
+        with open(config) as f:  # before torch is imported: json only
+            size = json.load(f).get("image_sizes", [None])[0]
         if size != args.image_size:
             raise ValueError(f"--first-cycle-model {args.first_cycle_model} takes {size} px images, "
                              f"not --image-size {args.image_size}")
@@ -126,7 +129,6 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     ARGS = parse_cli(Args, check_args)  # before the heavy imports: --help answers at once
 
-import json
 import math
 import sys
 import time
@@ -289,9 +291,10 @@ def main(args: Args) -> dict[str, float]:
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
-    pair_images, pair_texts, pair_actions = receptacle_pairs(
-        np.array([r["episode_seed"] for r in records["train"]]), args.image_size)
-    if not len(pair_actions) and total_steps(args) > args.base_steps:
+    second_cycle = total_steps(args) > args.base_steps
+    seeds = np.array([r["episode_seed"] for r in records["train"]] if second_cycle else [], dtype=np.int64)
+    pair_images, pair_texts, pair_actions = receptacle_pairs(seeds, args.image_size)  # none without a second cycle
+    if not len(pair_actions) and second_cycle:
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second cycle: "
                  "raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
     pairs = len(frames) + np.arange(len(pair_actions))  # [2P] indices past the demonstrations' frames
@@ -318,7 +321,8 @@ def main(args: Args) -> dict[str, float]:
     elif args.first_cycle_model is not None:  # its optimizer is not needed: the second cycle starts a fresh one
         base, _, base_stats, _ = load_openvla_dir(args.first_cycle_model, torch.device("cpu"), UNNORM_KEY)
         if not (np.allclose(base_stats.q01, stats.q01) and np.allclose(base_stats.q99, stats.q99)):
-            sys.exit(f"error: {args.first_cycle_model} was trained on other demonstrations (its norm_stats differ)")
+            sys.exit(f"error: --first-cycle-model {args.first_cycle_model}: its norm_stats differ from these "
+                     "demonstrations' (other --action-noise or --demo-dir?)")
         vla.load_state_dict(base.state_dict())
         start_step = args.base_steps
     writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None) if rank == 0 else None
