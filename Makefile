@@ -37,9 +37,14 @@ study: setup
 demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
-# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin), ~60-70 min on 2 cores.
+# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin) as it was made, on 2 cores:
+# the first cycle (~60-70 min), then the second from its model (~30 min). `pretrain_tiny.py` alone
+# runs both cycles in one process (the same recipe, no intermediate model).
 pretrain: setup
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py \
+	  --receptacle-steps 0 --receptacle-mix-steps 0 --output runs/tiny-openvla-twin-first-cycle --run-dir runs/pretrain_first_cycle
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py \
+	  --first-cycle-model runs/tiny-openvla-twin-first-cycle
 
 # Every benchmark, one after the other (each prints RESULT lines with ratios measured in one run).
 bench: setup

@@ -106,7 +106,8 @@ class Args:
 RECIPES = {
     "twin": ("GRPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="grpo_twin", env="twin", num_envs=64, group_size=8, total_iterations=16,
-                  learning_rate=1e-3, kl_coef=0.1, minibatch_size=64, grad_accum_steps=1,
+                  # lr 3e-4 as PPO's recipe: at 1e-3 GRPO from the current base fell 66% -> 17% in 16 iterations
+                  learning_rate=3e-4, kl_coef=0.1, minibatch_size=64, grad_accum_steps=1,
                   eval_every=8, eval_episodes=128, save_every=4)),
 }
 
