@@ -12,7 +12,8 @@ receptacles'. Second cycle: the receptacle pairs (a carrying frame and its twin 
 receptacle named) beside the object frames, then all frames with those kept in every batch
 (docs/PRETRAINING.md). The result loads like the 7B checkpoint:
 
-    make pretrain            # = python pretrain_tiny.py (writes assets/tiny-openvla-twin/)
+    python pretrain_tiny.py  # both cycles in one run (writes assets/tiny-openvla-twin/)
+    make pretrain            # the same in two runs, as the shipped model was made (Makefile)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
 
 The directory holds config.json (with the norm_stats of the pretraining actions under

@@ -2,12 +2,15 @@
 a script's own main() takes the shipped pretrained tiny VLA (assets/tiny-openvla-twin, the
 stand-in for pretrained OpenVLA) from its success on `ind` to clearly better, in a few CPU
 minutes. `ind`'s plate, tables and instruction template are new to the pretrained model: the
-current one (two cycles, reads the receptacles' names, README) starts at 66.0% (temperature
-1.0, 256 episodes; the first-cycle model 65.6% at 0.6, earlier ones 69.5%, ~34%, the first ~14%).
+current one (two cycles, reads the receptacles' names, README) starts at 64.8% (temperature
+0.6, 256 episodes; 60.9% on the 128 the tests use; the first-cycle model 66.8%, earlier ones
+69.5%, ~34%, the first ~14%).
 
-Measured from the current model (2026-11-25): the SFT warm-up on 64 demos reaches 85.9% in its
-200 steps (the first-cycle model: 90.6% in 100, 91.4% in 200); PPO from that warm-up 95.3% after
-4 iterations; with the first pretrained model (README) the warm-up reached ~55% and PPO ~32%.
+Measured from the current model (2026-11-25, fresh clone): the SFT warm-up on 64 demos reaches
+85.9% in its 200 steps (the first-cycle model: 90.6% in 100, 91.4% in 200); PPO from that
+warm-up 95.3% after 4 iterations; PPO from the base (lr 1e-3) 78.9% after 8 iterations of 128
+envs (rollouts 68.0% -> 78.9%, explained variance 0.02 -> 0.74; the first-cycle model 89.1%).
+With the first pretrained model (README) the warm-up reached ~55% and PPO ~32%.
 GRPO and DPO learn more slowly:
 their tests measure the policy they train, sampled at the training temperature 1.0, over the
 rollouts of the run itself (128 episodes per GRPO iteration, 1024 per DPO round). At the
@@ -127,9 +130,10 @@ def test_iterative_dpo_learns_the_new_task_from_the_pretrained_base_under_torchr
     # 2 rounds: collect 256 states x 4 rollouts with the current policy, pair successes with
     # failures of the same state, one DPO epoch against that round's reference; round 2
     # collects with the DPO policy of round 1, on new states. Measured on the shipped model
-    # (the recipe's lr 1e-3): collection success 69.1% (the base) -> 77.1%, 166 / 126 pairs;
-    # with 128 states 68.8% -> 75.4%, 84 / 52 pairs, and at lr 3e-3 68.8% -> 69.1%. (The previous
-    # model, 128 states at 3e-3: 59.0% -> 77.5%; before it 35.0% -> 43.2%, and a third round
+    # (the recipe's lr 1e-3): collection success 70.1% (the base) -> 78.8%, 146 / 157 pairs (the
+    # first-cycle model: 69.1% -> 77.1%, 166 / 126 pairs;
+    # with 128 states 68.8% -> 75.4%, 84 / 52 pairs, and at lr 3e-3 68.8% -> 69.1%). (Earlier
+    # models, 128 states at 3e-3: 59.0% -> 77.5%; before it 35.0% -> 43.2%, and a third round
     # fell back.) So the test measures the first DPO policy, on 1024 episodes (standard error
     # ~1.4 points).
     run_under_torchrun("dpo_vla.py", "--rounds", "2", "--eval-every", "0", "--num-states", "256",
