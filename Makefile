@@ -1,6 +1,13 @@
 # The two commands of the README: `make demo` and `make test`. Both set up what they need.
 PY := .venv/bin/python
-export VK_ICD_FILENAMES ?= /usr/share/vulkan/icd.d/lvp_icd.json
+# SAPIEN's Vulkan driver: Mesa's lavapipe where no NVIDIA GPU works, none set where one does
+# (the loader finds NVIDIA's driver itself; scripts/vulkan_icd.sh). Your own VK_ICD_FILENAMES wins.
+ifeq ($(origin VK_ICD_FILENAMES),undefined)
+VK_ICD_FILENAMES := $(shell bash scripts/vulkan_icd.sh)
+ifneq ($(VK_ICD_FILENAMES),)
+export VK_ICD_FILENAMES
+endif
+endif
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -61,3 +68,7 @@ splits: setup
 
 clean:
 	rm -rf runs results demos demo
+
+# `make -s print-VK_ICD_FILENAMES`: a variable's value as the targets see it.
+print-%:
+	@echo '$*=$($*)'

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -82,10 +83,18 @@ def require_finite_positive(args: Any, *names: str) -> None:
             raise ValueError(f"{flag(name)} must be a positive number, got {value}")
 
 
+def check_device(name: str) -> None:
+    """--device is auto, cpu, cuda or cuda:N (whether that GPU exists is checked once torch is
+    imported)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def check_model_args(args: Any) -> None:
     """The flags every training script shares: task, model, adapter, run directory, resume."""
     from envs import check_split  # numpy and gymnasium only: still no torch
 
+    check_device(args.device)
     check_split(args.split, args.env)
     require_positive(args, "lora_rank", "lora_alpha", "image_size")
     if args.image_size is not None and args.model_path is None and args.image_size % TINY_PATCH_SIZE:

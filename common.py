@@ -23,12 +23,14 @@ import os
 import random
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, StaticCache
 
 from envs import MAX_EPISODE_ID, RenderingUnavailable
 from model import (
@@ -214,17 +216,30 @@ class ActorCritic(nn.Module):
         at the 7 positions that predicted them [B, 7, D] (index 0 is h0). One prefill, then 6
         one-token steps: the 7th token's own hidden state is never needed. Non-finite logits (a
         diverged policy) raise NonFiniteError naming `where`, not a sampling error.
+
+        The loop never waits for the device: the cache is preallocated (a DynamicCache would
+        torch.cat, i.e. copy, every layer's keys and values at every step) and finiteness is
+        checked once, after the loop.
         """
         vla = self.vla
-        cache = DynamicCache(config=vla.language_model.config)
-        positions = position_ids_from_mask(attention_mask)
+        batch_size, length = attention_mask.shape
+        # Slots for the prompt and the 6 tokens fed back; each step writes its one slot in place.
+        cache = StaticCache(config=vla.language_model.config, max_cache_len=length + ACTION_DIM - 1)
+        # One mask over all slots [B, L + 6], made once: the causal mask hides unwritten slots.
+        fed_back = attention_mask.new_ones(batch_size, ACTION_DIM - 1)
+        attention_mask = torch.cat([attention_mask, fed_back], 1)
+        positions = position_ids_from_mask(attention_mask[:, :length])  # [B, L]
         hidden = run_language_model(vla, embeds, attention_mask, positions, cache)[:, -1]  # h0
         embed_tokens = vla.language_model.get_input_embeddings()
         tokens, logprob, predicting_hidden = [], 0.0, []
+        largest = hidden.new_zeros((), dtype=torch.float32)  # max |logit| so far: nan stays nan
         for step in range(ACTION_DIM):
             predicting_hidden.append(hidden)
-            logits = self.action_logits(hidden)
-            check_finite(where, action_logits=logits.abs().amax())  # amax propagates nan
+            logits = self.action_logits(hidden)  # [B, 256]
+            largest = torch.maximum(largest, logits.abs().amax())  # on the device: no sync
+            # Sample from finite stand-ins, so a diverged policy reaches the check after the loop
+            # rather than a sampling error; finite logits pass unchanged (same tokens, same RNG).
+            logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
             dist = self.action_distribution(logits, temperature)
             index = dist.logits.argmax(-1) if temperature == 0 else dist.sample()  # [B] in 0..255
             logprob = logprob + dist.log_prob(index)
@@ -232,10 +247,10 @@ class ActorCritic(nn.Module):
             tokens.append(token)
             if step == ACTION_DIM - 1:
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], 1)
-            positions = positions[:, -1:] + 1
+            positions = positions[:, -1:] + 1  # [B, 1]
             hidden = run_language_model(vla, embed_tokens(token)[:, None], attention_mask,
                                         positions, cache)[:, -1]
+        check_finite(where, action_logits=largest)  # the loop's one host sync
         return torch.stack(tokens, 1), logprob, torch.stack(predicting_hidden, 1)
 
     @torch.no_grad()  # not inference_mode: rollout tensors later meet autograd in the update
@@ -652,16 +667,31 @@ def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor,
     return surrogate.mean(), stats
 
 
-def minibatches(size: int, minibatch_size: int, epochs: int, grad_accum_steps: int):
-    """The update schedule of PPO and GRPO: `epochs` shuffled passes over a batch of `size`
-    samples, in minibatches; yields (indices [<= minibatch_size], step) where step says that
-    grad_accum_steps minibatches (or the pass's last) have been accumulated: take an optimizer
-    step after this one's backward."""
+def rank_share_of_step(minibatch_size: int, grad_accum_steps: int, world: int) -> int:
+    """Samples of one optimizer step that each rank computes. --minibatch-size x
+    --grad-accum-steps samples make ONE optimizer step over all ranks together (the paper's
+    8 x 20 = 160 on one GPU), so a recipe takes the same steps on 1 rank as on 16."""
+    per_step = minibatch_size * grad_accum_steps
+    if per_step % world:
+        raise ValueError(f"--minibatch-size x --grad-accum-steps ({minibatch_size} x {grad_accum_steps} = "
+                         f"{per_step} samples per optimizer step, over all ranks) must be a multiple of "
+                         f"the number of ranks ({world})")
+    return per_step // world
+
+
+def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
+    """The update schedule of PPO and GRPO on one rank: `epochs` shuffled passes over this
+    rank's `size` samples, `rank_share` samples (rank_share_of_step) per optimizer step, cut into
+    forward/backward passes of at most minibatch_size. Yields (indices, weight, step): weight is
+    the pass's share of its step (backward loss x weight: the step's gradient is the mean over
+    its samples), step says to take the optimizer step after this pass's backward."""
     for _epoch in range(epochs):
         order = torch.randperm(size)
-        starts = range(0, size, minibatch_size)
-        for k, start in enumerate(starts):
-            yield order[start:start + minibatch_size], (k + 1) % grad_accum_steps == 0 or k + 1 == len(starts)
+        for start in range(0, size, rank_share):
+            step_samples = order[start:start + rank_share]
+            parts = step_samples.split(minibatch_size)
+            for k, part in enumerate(parts):
+                yield part, len(part) / len(step_samples), k == len(parts) - 1
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -843,16 +873,54 @@ def check_finite(where: str, **quantities: float | torch.Tensor) -> None:
                                  f"the last checkpoint is kept (try a lower learning rate)")
 
 
+NVIDIA_DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the kernel driver drives
+
+
+def nvidia_gpu_present() -> bool:
+    """Does this machine have an NVIDIA GPU with its driver loaded, whatever torch sees? The
+    kernel driver lists its GPUs in NVIDIA_DRIVER_GPUS; else ask nvidia-smi."""
+    if NVIDIA_DRIVER_GPUS.is_dir() and any(NVIDIA_DRIVER_GPUS.iterdir()):
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listing.returncode == 0 and "GPU" in listing.stdout
+
+
+def unusable_gpu_message(name: str) -> str:
+    """Why torch sees no GPU on a machine that has one: almost always a torch wheel built for a
+    newer CUDA than the driver supports (the pinned wheel is a recent CUDA build)."""
+    return (f"--device {name}: this machine has an NVIDIA GPU but torch {torch.__version__} (built for "
+            f"CUDA {torch.version.cuda}) cannot use it, most likely because the driver is older than that "
+            f"CUDA needs: install the torch wheel for your driver's CUDA (README, 'GPUs'), or pass "
+            f"--device cpu to run on the CPU on purpose")
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda (this rank's GPU under torchrun) when available, else cpu."""
+    """"auto" -> this rank's GPU (cuda:LOCAL_RANK under torchrun) when torch can use one, else cpu;
+    "cuda" -> this rank's GPU. A machine whose GPU torch cannot use is an error, not a silent
+    CPU run (a 7B model in fp32 on the CPU would take days to say nothing)."""
     if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+        if not torch.cuda.is_available() and nvidia_gpu_present():
+            raise ValueError(unusable_gpu_message(name))
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the scripts run on cpu or cuda, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
+        if nvidia_gpu_present():
+            raise ValueError(unusable_gpu_message(name))
         raise ValueError(f"--device {name}: this machine has no CUDA GPU (torch sees none); "
                          f"use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here"
+                         + (f" (this is local rank {local_rank})" if local_rank else ""))
     return device
 
 
@@ -869,11 +937,13 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states, for trainer_state.pt (exact resume)."""
+    """Python, NumPy and torch RNG states, for trainer_state.pt (exact resume). On a GPU, the
+    state of this rank's own device only: a resume on a host with another number of GPUs
+    (each rank still on one) restores it as well."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: init_distributed() set it
     return state
 
 
@@ -886,8 +956,13 @@ def restore_rng_state(states: list[dict[str, Any]], rank: int = 0, world: int = 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # checkpoints written before: every device's state, one per GPU
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -905,17 +980,37 @@ def tensorboard_hint(run_dir: Path) -> str:
 # --- torch.distributed (torchrun) ------------------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank). Under torchrun (RANK/WORLD_SIZE set) joins the process
-    group: nccl on GPUs, gloo on the CPU. Plain `python script.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+# How long ranks wait for rank 0 alone (collecting demonstrations: 16k SFT demos take hours),
+# instead of the process group's timeout (NCCL's watchdog: 10 minutes).
+RANK_ZERO_WAIT = timedelta(hours=12)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """torch.distributed's backend for a rank on `device`: per device type, so that the CPU
+    tensors the scripts reduce (metrics, advantage moments, pair counts, RNG states) go through
+    gloo and the GPU gradients through NCCL, which rejects CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+
+
+def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) from --device. Under torchrun (RANK set) joins the
+    process group with the backend that --device needs (so `--device cpu` on a GPU host runs
+    gloo only); plain `python script.py` is rank 0 of 1."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU: NCCL, RNG states and caches use it
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group(process_group_backend(device))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wait_for_rank_zero() -> None:
+    """Every rank waits here until rank 0 arrives (e.g. from collecting demonstrations), for up
+    to RANK_ZERO_WAIT. A barrier goes through the CPU backend (gloo), with its own timeout."""
+    if world_info()[1] > 1:
+        dist.barrier(timeout=RANK_ZERO_WAIT)
 
 
 def world_info() -> tuple[int, int]:

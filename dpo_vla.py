@@ -156,7 +156,6 @@ from common import (
     optimizer_step,
     peak_memory_gb,
     rank_slice,
-    resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
@@ -319,8 +318,7 @@ def dpo_update(agent, data: dict, pair_batch: torch.Tensor, args: Args, where: s
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(args.device, local_rank)
+    rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)
     agent, state = make_agent(args, device, "dpo", dtype=resolve_dtype(args.dtype, device))
     optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate, eps=1e-5)

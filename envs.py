@@ -108,7 +108,8 @@ def make_vec_env(split: str, num_envs: int, image_size: int = 112, seed: int = 0
                  num_workers: int | None = None):
     """Batched envs of one split. max_episode_steps None: the family's horizon (maniskill 80,
     twin its own). num_workers (maniskill only): subprocesses that share the envs (None: one
-    per env up to the CPU count, in-process when num_envs == 1; 0: all in this process)."""
+    per env up to this rank's share of the node's cores, maniskill_env.workers_per_rank;
+    in-process when num_envs == 1; 0: all in this process)."""
     check_split(split, env)
     if num_envs < 1:
         raise ValueError(f"num_envs must be at least 1, got {num_envs}")

@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from cli import check_unnorm_key, parse_cli, require_non_negative, require_positive
+from cli import check_device, check_unnorm_key, parse_cli, require_non_negative, require_positive
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
+    check_device(args.device)
     require_positive(args, "episodes", "num_envs", "max_episode_steps", "image_size")
     require_non_negative(args, "temperature", "video", "num_workers")
     if not args.seeds:
@@ -147,7 +148,6 @@ from common import (
     init_distributed,
     load_checkpoint,
     read_checkpoint_config,
-    resolve_device,
     resolve_dtype,
     world_info,
 )
@@ -466,13 +466,12 @@ def save_videos(outcomes: EpisodeOutcomes, folder: Path, split: str, seed: int) 
 
 
 def main(args: Args) -> dict[str, dict[str, dict]]:
-    rank, world, local_rank = init_distributed()
+    rank, world, device = init_distributed(args.device)
     splits = resolve_splits(args.splits, args.env)
     checkpoints = [parse_checkpoint(spec) for spec in args.checkpoint]
     for _, path in checkpoints:  # every path checked before an hour goes into the first one
         if path != "base":
             read_checkpoint_config(checkpoint_folder(path))
-    device = resolve_device(args.device, local_rank)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

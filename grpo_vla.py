@@ -89,9 +89,9 @@ class Args:
     epochs: int = 1
     """passes over each batch (paper: 1)"""
     minibatch_size: int = 8
-    """samples per forward/backward, per rank (paper: 8)"""
+    """samples per forward/backward (paper: 8); a memory knob, with grad_accum_steps it sets the step"""
     grad_accum_steps: int = 20
-    """minibatches accumulated per optimizer step (paper: 20, so 160 samples per step)"""
+    """minibatches per optimizer step (paper: 20): 160 samples per step over ALL ranks, on any number"""
     # --- evaluation, logging, checkpoints
     eval_every: int = 10
     """evaluate every K iterations (and at the end); 0 disables"""
@@ -107,7 +107,8 @@ RECIPES = {
     "twin": ("GRPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="grpo_twin", env="twin", num_envs=64, group_size=8, total_iterations=16,
                   # lr 3e-4 as PPO's recipe: at 1e-3 GRPO from the current base fell 66% -> 17% in 16 iterations
-                  learning_rate=3e-4, kl_coef=0.1, minibatch_size=64, grad_accum_steps=1,
+                  # 128 samples per optimizer step over all ranks (the demo's 2 ranks: 64 each)
+                  learning_rate=3e-4, kl_coef=0.1, minibatch_size=64, grad_accum_steps=2,
                   eval_every=8, eval_episodes=128, save_every=4)),
 }
 
@@ -146,8 +147,8 @@ from common import (
     make_writer,
     minibatches,
     optimizer_step,
+    rank_share_of_step,
     rank_slice,
-    resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
@@ -198,13 +199,14 @@ def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> tor
     return log_r.exp() - log_r - 1
 
 
-def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args, rank_share: int,
                 where: str) -> dict[str, list[float]]:
-    """One GRPO update over a flat batch: the clipped surrogate with trajectory advantages,
-    plus kl_coef x KL to the reference; gradients averaged over minibatches and ranks."""
+    """One GRPO update over this rank's flat batch: the clipped surrogate with trajectory
+    advantages, plus kl_coef x KL to the reference; each optimizer step averages the gradient of
+    minibatch_size x grad_accum_steps samples over all ranks (rank_share of them here)."""
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "entropy", "approx_kl", "clipfrac",
                                                      "grad_norm", "kl_ref")}
-    for mb, step in minibatches(len(batch["logprobs"]), args.minibatch_size, args.epochs, args.grad_accum_steps):
+    for mb, weight, step in minibatches(len(batch["logprobs"]), rank_share, args.minibatch_size, args.epochs):
         images, instructions, tokens = batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb]
         new_logprob, entropy, _ = agent.score_actions(images, instructions, tokens, temperature=args.temperature)
         device = new_logprob.device
@@ -217,8 +219,8 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
             loss = loss + args.kl_coef * kl
             stats["kl_ref"].append(kl.item())
         check_finite(where, policy_loss=loss)
-        # Scale so that accumulated gradients average over the minibatches of one step.
-        (loss / args.grad_accum_steps).backward()
+        # Weighted by the minibatch's share: the accumulated gradient is the step's mean.
+        (loss * weight).backward()
         if step:
             stats["grad_norm"].append(optimizer_step(optimizer, agent.lora_parameters(), args.max_grad_norm, where))
         for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
@@ -228,9 +230,9 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(args.device, local_rank)
+    rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)  # each rank samples its own actions
+    rank_share = rank_share_of_step(args.minibatch_size, args.grad_accum_steps, world)
     agent, state = make_agent(args, device, "grpo", dtype=resolve_dtype(args.dtype, device))
     optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate, eps=1e-5)
     # Episode ids: one generator, the same on every rank; each rank plays its slice of whole groups.
@@ -275,7 +277,7 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats = grpo_update(agent, optimizer, batch, args, f"iteration {iteration + 1}")
+        stats = grpo_update(agent, optimizer, batch, args, rank_share, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
         # ------------------------------------------------------------ logging, evaluation, checkpoint

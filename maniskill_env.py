@@ -32,21 +32,24 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from scipy.spatial.transform import Rotation
 
 # Rendering on a CPU-only machine goes through Mesa's lavapipe Vulkan driver. This must be set
-# before sapien is imported, and only when no NVIDIA driver is installed that it would hide.
+# before sapien is imported, and only when no NVIDIA driver is there that it would hide: where
+# torch sees a GPU the envs render on it (render_backend below), through NVIDIA's Vulkan driver,
+# wherever its ICD file lives (scripts/vulkan_icd.sh makes the same choice for the Makefile).
 LAVAPIPE_ICD = "/usr/share/vulkan/icd.d/lvp_icd.json"
 NVIDIA_ICDS = (
     "/usr/share/vulkan/icd.d/nvidia_icd.json",
     "/etc/vulkan/icd.d/nvidia_icd.json",
     "/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json",
 )
-if os.path.exists(LAVAPIPE_ICD) and not any(os.path.exists(p) for p in NVIDIA_ICDS):
+if (os.path.exists(LAVAPIPE_ICD) and not any(os.path.exists(p) for p in NVIDIA_ICDS)
+        and not torch.cuda.is_available()):
     os.environ.setdefault("VK_ICD_FILENAMES", LAVAPIPE_ICD)
 
 import sapien  # noqa: E402  (after VK_ICD_FILENAMES)
-import torch  # noqa: E402
 from mani_skill.envs.sapien_env import BaseEnv  # noqa: E402
 from mani_skill.sensors.camera import CameraConfig  # noqa: E402
 from mani_skill.utils import sapien_utils  # noqa: E402
@@ -775,12 +778,59 @@ class ScriptedExpert:
 # --------------------------------------------------------------------------------------------
 
 
+# Where a torchrun rank's envs render, and how many worker processes it runs. Every rank's
+# workers used to render on GPU 0, each with its own CUDA context and Vulkan device there
+# (~0.6-1 GB), and each rank started one worker per core of the node.
+
+# Workers per rank when they render on its GPU: at ~1 GB each, at most ~16 GB next to the
+# rank's ~50 GB PPO peak.
+MAX_GPU_RENDER_WORKERS = 16
+
+
+def render_backend(local_rank: int, num_gpus: int) -> str:
+    """ManiSkill's `render_backend` for a rank's envs: the rank's own GPU, or SAPIEN's CPU device
+    (lavapipe) when torch sees none. ManiSkill 3.0.1's parse_sim_and_render_backend
+    (mani_skill/envs/utils/system/backend.py) turns "sapien_cuda:N" into sapien.Device("cuda:N"),
+    and SAPIEN 3's findDevice (src/device.cpp) matches N against the CUDA runtime's device ids,
+    torch's numbering; plain "gpu" is findDevice("cuda"), the first CUDA device, on every rank.
+    torchrun's rank i trains on GPU i (common.init_distributed); where a launcher shows each rank
+    only its own GPU (CUDA_VISIBLE_DEVICES), the modulo picks that one, its device 0."""
+    if num_gpus <= 0:
+        return "cpu"
+    return f"sapien_cuda:{local_rank % num_gpus}"
+
+
+def rank_render_backend() -> str:
+    """render_backend() for this process: LOCAL_RANK from torchrun (0 outside it)."""
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return render_backend(int(os.environ.get("LOCAL_RANK", 0)), num_gpus)
+
+
+def workers_per_rank(num_envs: int, cpu_count: int, local_world_size: int,
+                     cap: int | None = None) -> int:
+    """Env worker processes for one rank: the node's cores shared evenly among its ranks (so
+    all of them together start at most one worker per core), at least 1, at most one per env
+    and at most `cap`."""
+    workers = min(num_envs, max(1, cpu_count // max(1, local_world_size)))
+    return workers if cap is None else max(1, min(workers, cap))
+
+
+def available_cpus() -> int:
+    """Cores this process may run on: its affinity mask (taskset, a cgroup cpuset), not the
+    machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class PutOnTask:
-    """A single episode at a time, fixed horizon, no early termination."""
+    """A single episode at a time, fixed horizon, no early termination. render_backend None:
+    this rank's (rank_render_backend)."""
 
     def __init__(self, split: str, image_size: int = 112,
-                 max_episode_steps: int = MAX_EPISODE_STEPS):
+                 max_episode_steps: int = MAX_EPISODE_STEPS, render_backend: str | None = None):
         self.image_size, self.max_episode_steps = image_size, max_episode_steps
+        self.render_backend = render_backend or rank_render_backend()
         self.scene: PutOnScene | None = None
         self.set_split(split)
 
@@ -801,7 +851,7 @@ class PutOnTask:
                 sim_backend="cpu",
                 # TODO: ManiSkill's GPU-batched sim (sim_backend="gpu") would run all envs in one
                 # process on CUDA machines; it needs batched versions of evaluate/placement.
-                render_backend="gpu" if torch.cuda.is_available() else "cpu",
+                render_backend=self.render_backend,
             )
         except RuntimeError as err:
             text = str(err).lower()
@@ -921,11 +971,12 @@ class PutOnTask:
 # --------------------------------------------------------------------------------------------
 
 
-def _worker(conn, split: str, num_tasks: int, image_size: int, max_episode_steps: int) -> None:
+def _worker(conn, split: str, num_tasks: int, image_size: int, max_episode_steps: int,
+            render_backend: str) -> None:
     """Subprocess loop: owns `num_tasks` PutOnTasks and runs a method on each per request."""
     torch.set_num_threads(1)  # several workers share few cores
     try:
-        tasks = [PutOnTask(split, image_size, max_episode_steps) for _ in range(num_tasks)]
+        tasks = [PutOnTask(split, image_size, max_episode_steps, render_backend) for _ in range(num_tasks)]
     except RenderingUnavailable as err:
         conn.send(("render_error", str(err)))
         return
@@ -985,17 +1036,24 @@ class VecEnv(gym.vector.VectorEnv):
         self.episode_ids = np.zeros(num_envs, dtype=np.int64)
         self.instructions: tuple[str, ...] = ("",) * num_envs
         self._sent: tuple[str, list[tuple]] | None = None  # a call sent and not yet received
+        # Chosen here, not in each worker, so that every env of this rank renders on one device.
+        self.render_backend = rank_render_backend()
         if num_workers is None:
-            num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on this node
+            cap = None if self.render_backend == "cpu" else MAX_GPU_RENDER_WORKERS
+            num_workers = 0 if num_envs == 1 else workers_per_rank(
+                num_envs, available_cpus(), local_world_size, cap)
         self.tasks: list[PutOnTask] = []
         self.workers: list[tuple[Any, Any, int]] = []  # (process, pipe, number of envs)
         if num_workers == 0:
-            self.tasks = [PutOnTask(split, image_size, self.max_episode_steps) for _ in range(num_envs)]
+            self.tasks = [PutOnTask(split, image_size, self.max_episode_steps, self.render_backend)
+                          for _ in range(num_envs)]
             return
         ctx = mp.get_context("spawn")  # forking a process that has touched Vulkan is unsafe
         for chunk in np.array_split(np.arange(num_envs), min(num_workers, num_envs)):
             parent, child = ctx.Pipe()
-            worker_args = (child, split, len(chunk), image_size, self.max_episode_steps)
+            worker_args = (child, split, len(chunk), image_size, self.max_episode_steps,
+                           self.render_backend)
             proc = ctx.Process(target=_worker, args=worker_args, daemon=True)
             proc.start()
             child.close()

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from timm.layers import LayerScale
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import (
-    DynamicCache,
+    Cache,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizerFast,
@@ -532,11 +532,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def run_language_model(vla: OpenVLA, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor,
-                       cache: DynamicCache | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """Llama decoder over embeds [B, L, D] -> last-layer hidden states [B, L, D].
 
-    With a cache, attention_mask covers cached + new positions and the cache grows in place.
+    With a cache, the new keys and values are written into it. attention_mask [B, K] covers
+    cached + new positions (DynamicCache), or every slot of a StaticCache (K = max_cache_len,
+    slots not yet written count as real: the causal mask hides them).
     """
     out = vla.language_model.model(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -1030,3 +1031,23 @@ def model_image_size(model_path: str | Path | None) -> int:
         raise CheckpointError(f"{config} not found: expected an OpenVLA checkpoint directory")
     sizes = parse_file(config, lambda p: json.loads(p.read_text())).get("image_sizes")
     return int(sizes[0]) if sizes else OPENVLA_IMAGE_SIZE
+
+
+def enable_gradient_checkpointing(vla: OpenVLA) -> None:
+    """Recompute every Llama decoder layer and ViT block in the backward instead of keeping its
+    activations: each keeps only its input until then (one recomputed layer at a time). Same
+    gradients, ~1 extra forward of those layers. Llama layers checkpoint only in train() mode.
+
+    Non-reentrant checkpointing: with the reentrant kind, a block whose input needs no gradient
+    (the first ViT block: patch embedding and positions are frozen) would give its LoRA adapters
+    no gradient at all.
+    """
+    if timm.layers.use_reentrant_ckpt():
+        raise ValueError("--gradient-checkpointing with TIMM_REENTRANT_CKPT set: the first ViT block's "
+                         "adapters would get no gradient; unset it")
+    vla.language_model.activation_checkpointing_enable({"use_reentrant": False})
+    # transformers also hooks the input embeddings to require grad, a fix for the reentrant kind:
+    # not needed here, and it would only add a gradient for every embedding.
+    vla.language_model.disable_input_require_grads()
+    for vit in (vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer):
+        vit.set_grad_checkpointing(True)

@@ -103,9 +103,9 @@ class Args:
     epochs: int = 1
     """passes over each batch (paper: 1; more gave no gain, only wall-clock)"""
     minibatch_size: int = 8
-    """samples per forward/backward, per rank (paper: 8)"""
+    """samples per forward/backward (paper: 8); a memory knob, with grad_accum_steps it sets the step"""
     grad_accum_steps: int = 20
-    """minibatches accumulated per optimizer step (paper: 20, so 160 samples per step)"""
+    """minibatches per optimizer step (paper: 20): 160 samples per step over ALL ranks, on any number"""
     target_kl: float | None = None
     """stop an iteration's update once a minibatch's approx KL exceeds this (off, as the paper)"""
     # --- evaluation, logging, checkpoints
@@ -122,7 +122,8 @@ class Args:
 RECIPES = {
     "twin": ("PPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="ppo_twin", env="twin", num_envs=64, num_steps=30, total_iterations=16,
-                  learning_rate=3e-4, minibatch_size=64, grad_accum_steps=1, eval_every=8,
+                  # 128 samples per optimizer step over all ranks (the demo's 2 ranks: 64 each)
+                  learning_rate=3e-4, minibatch_size=64, grad_accum_steps=2, eval_every=8,
                   eval_episodes=128, save_every=4)),
 }
 
@@ -167,8 +168,8 @@ from common import (
     make_writer,
     minibatches,
     optimizer_step,
+    rank_share_of_step,
     rank_slice,
-    resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
@@ -226,13 +227,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
-               train_policy: bool, where: str) -> dict[str, list[float]]:
-    """One PPO update over a flat batch (b = t * N + n): `epochs` passes of shuffled minibatches,
-    gradients accumulated over grad_accum_steps minibatches per optimizer step and averaged
-    across ranks. train_policy False: the value loss only (a batch without reward signal)."""
+               rank_share: int, train_policy: bool, where: str) -> dict[str, list[float]]:
+    """One PPO update over this rank's flat batch (b = t * N + n): `epochs` passes of shuffled
+    minibatches; each optimizer step averages the gradient of minibatch_size x grad_accum_steps
+    samples over all ranks (rank_share of them here). train_policy False: the value loss only
+    (a batch without reward signal)."""
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
                                                      "clipfrac", "grad_norm")}
-    for mb, step in minibatches(len(batch["logprobs"]), args.minibatch_size, args.epochs, args.grad_accum_steps):
+    for mb, weight, step in minibatches(len(batch["logprobs"]), rank_share, args.minibatch_size, args.epochs):
         new_logprob, entropy, new_value = agent.score_actions(
             batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb],
             temperature=args.temperature)
@@ -241,15 +243,17 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
                                                 batch["advantages"][mb].to(device), args.clip_coef)
         v_loss = clipped_value_loss(new_value, batch["values"][mb].to(device),
                                     batch["returns"][mb].to(device), args.vf_clip_coef, args.huber_delta)
-        if args.target_kl is not None and pg_stats["approx_kl"] > args.target_kl:
-            optimizer.zero_grad(set_to_none=True)  # moved too far from the rollout policy
+        # Moved too far from the rollout policy: decided on the mean over ranks, so that every
+        # rank stops at the same minibatch (a rank that stopped alone would hang the others).
+        if args.target_kl is not None and global_mean([pg_stats["approx_kl"]]) > args.target_kl:
+            optimizer.zero_grad(set_to_none=True)
             return stats
         loss = args.vf_coef * v_loss
         if train_policy:
             loss = loss + pg_loss - args.ent_coef * entropy.mean()
         check_finite(where, policy_loss=pg_loss, value_loss=v_loss)
-        # Scale so that accumulated gradients average over the minibatches of one step.
-        (loss / args.grad_accum_steps).backward()
+        # Weighted by the minibatch's share: the accumulated gradient is the step's mean.
+        (loss * weight).backward()
         if step:
             stats["grad_norm"].append(optimizer_step(optimizer, agent.trainable_parameters(),
                                                      args.max_grad_norm, where))
@@ -261,9 +265,9 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(args.device, local_rank)
+    rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)  # each rank samples its own actions
+    rank_share = rank_share_of_step(args.minibatch_size, args.grad_accum_steps, world)
     agent, state = make_agent(args, device, "ppo", needs_critic=True, dtype=resolve_dtype(args.dtype, device))
     # Two learning rates: the paper's value head learns 30x faster than the adapters.
     optimizer = torch.optim.AdamW(
@@ -318,7 +322,7 @@ def main(args: Args) -> dict[str, float]:
         # ------------------------------------------------------------ update
         agent.train()
         t0 = time.perf_counter()
-        stats = ppo_update(agent, optimizer, batch, args, train_policy, f"iteration {iteration + 1}")
+        stats = ppo_update(agent, optimizer, batch, args, rank_share, train_policy, f"iteration {iteration + 1}")
         update_time = time.perf_counter() - t0
 
         # ------------------------------------------------------------ logging, evaluation, checkpoint

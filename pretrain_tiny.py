@@ -150,6 +150,7 @@ from common import (
     evaluation_episode_ids,
     init_distributed,
     seed_everything,
+    wait_for_rank_zero,
 )
 from demos import ensure_demos, frames_of
 from envs import default_horizon, make_vec_env
@@ -266,7 +267,7 @@ def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, flo
 
 
 def main(args: Args) -> dict[str, float]:
-    rank, world, _ = init_distributed()  # `make pretrain` runs 2 ranks: one per core
+    rank, world, _ = init_distributed("cpu")  # `make pretrain` runs 2 ranks: one per core
     if args.batch_size % world:
         sys.exit(f"error: --batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
@@ -276,8 +277,7 @@ def main(args: Args) -> dict[str, float]:
     if rank == 0:  # rank 0 collects, the others read what it wrote
         ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
                      **settings)
-    if world > 1:
-        dist.barrier()
+    wait_for_rank_zero()
     records = ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size,
                            default_horizon("twin"), **settings)
     frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()

@@ -95,6 +95,9 @@ class Args:
     """frames per optimizer step over all ranks, drawn uniformly from the training demos"""
     grad_accum_steps: int = 2
     """split each rank's batch into this many forward/backward passes: same gradient, less memory"""
+    gradient_checkpointing: bool = False
+    """recompute the Llama layers and ViT blocks in the backward: same gradients for an extra forward;
+    OpenVLA-7B at micro-batch 16: ~18 GiB, not ~46 (estimated; off: 46 fits an 80 GB GPU)"""
     learning_rate: float = 5e-4
     """AdamW learning rate of the LoRA adapters, constant (paper: 5e-4)"""
     loss_vocab: Literal["full", "action"] = "full"
@@ -143,12 +146,14 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
 
+import contextlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from peft.helpers import disable_input_dtype_casting
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -166,17 +171,17 @@ from common import (
     peak_memory_gb,
     planned_image_size,
     rank_slice,
-    resolve_device,
     resolve_dtype,
     restore_rng_state,
     run_dir,
     run_script,
     save_run,
     seed_everything,
+    wait_for_rank_zero,
 )
 from demos import Frames, ensure_demos, frames_of
 from envs import default_horizon, make_vec_env
-from model import ACTION_DIM, NormStats, action_token_loss
+from model import ACTION_DIM, NormStats, action_token_loss, enable_gradient_checkpointing
 
 
 def compute_norm_stats(actions: np.ndarray) -> NormStats:
@@ -210,6 +215,21 @@ def token_loss(agent: ActorCritic, images: np.ndarray, instructions: list[str], 
     return loss, predicted.cpu().numpy(), target
 
 
+def training_precision(agent: ActorCritic) -> contextlib.AbstractContextManager:
+    """The training forward's context. bf16 weights: autocast to bf16. peft keeps the adapters in
+    fp32 and casts each adapted layer's input to fp32, and that copy is what the backward keeps
+    (~2x the bf16 activations); under autocast the adapters compute in bf16 and peft's cast is
+    switched off (autocast casts their weights instead: the same values), so each input is saved
+    once, in bf16. Weights, gradients and AdamW state stay fp32; the loss is fp32 (logits .float()).
+    fp32 weights: nothing changes."""
+    if agent.dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    context = contextlib.ExitStack()
+    context.enter_context(torch.autocast(agent.device.type, dtype=torch.bfloat16))
+    context.enter_context(disable_input_dtype_casting(agent.policy))
+    return context
+
+
 def token_metrics(agent: ActorCritic, predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """Accuracy of predicted action tokens [B, 7] overall and per dimension, and the L1 distance
     of the decoded actions in the normalised [-1, 1] space (as OpenVLA logs it)."""
@@ -237,8 +257,9 @@ def validate(agent: ActorCritic, frames: Frames, batch_size: int, loss_vocab: st
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(args.device, local_rank)
+    rank, world, device = init_distributed(args.device)
+    if args.batch_size % world:  # the global batch is the recipe's: every rank takes an equal share
+        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
     for what, path in (("--model-path", args.model_path), ("--init-checkpoint", args.init_checkpoint)):
         if path is not None and not Path(path).is_dir():  # fail now, not after collecting demos
@@ -255,8 +276,7 @@ def main(args: Args) -> dict[str, float]:
                          success_steps=min(args.steps_after_success, horizon))
     if rank == 0:
         ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, **demo_settings)
-    if world > 1:
-        dist.barrier()
+    wait_for_rank_zero()  # with a timeout for hours of collecting, not NCCL's 10 minutes
     records = ensure_demos(demo_dir, wanted, args.env, args.split, image_size, horizon, **demo_settings)
     if args.collect_only:
         return {"demos": float(len(records["train"]))}
@@ -278,6 +298,8 @@ def main(args: Args) -> dict[str, float]:
                    f"{len(records['heldout'])} held out ({len(val_frames)} frames), from {demo_dir}")
 
     # ---------------------------------------------------------------- optimizer, logging
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(agent.vla)  # only the training forward keeps activations
     optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate)
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
     start_step = 0
@@ -291,7 +313,7 @@ def main(args: Args) -> dict[str, float]:
         eval_envs = make_vec_env(args.split, min(args.num_envs, args.eval_episodes), agent.image_size,
                                  args.seed + rank, horizon, env=args.env)
     writer = make_writer(run_dir(args), args, start_step)  # None on ranks > 0
-    rank_batch = max(1, args.batch_size // world)
+    rank_batch = args.batch_size // world
     micro_batch = -(-rank_batch // args.grad_accum_steps)  # ceil
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -309,9 +331,10 @@ def main(args: Args) -> dict[str, float]:
         losses, predicted, targets = [], [], []
         for start in range(0, rank_batch, micro_batch):
             part = index[start:start + micro_batch]
-            loss, pred, target = token_loss(agent, images[start:start + micro_batch],
-                                            [train_frames.instructions[i] for i in part],
-                                            train_frames.actions[part], args.loss_vocab)
+            with training_precision(agent):  # the backward runs outside, as autocast recommends
+                loss, pred, target = token_loss(agent, images[start:start + micro_batch],
+                                                [train_frames.instructions[i] for i in part],
+                                                train_frames.actions[part], args.loss_vocab)
             check_finite(f"step {step + 1}", loss=loss)
             # Weight each part by its share of the batch: the sum is the whole batch's mean.
             (loss * len(part) / rank_batch).backward()
@@ -359,6 +382,8 @@ def main(args: Args) -> dict[str, float]:
         eval_envs.close()
     if writer is not None:
         writer.close()
+    if rank == 0:  # also logged as memory/peak_gb; on the CPU: the process's peak resident set
+        tqdm.write(f"peak memory: {peak_memory_gb(device):.1f} GB ({device})")
     return metrics
 
 

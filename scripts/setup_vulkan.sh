@@ -4,15 +4,28 @@
 # Debian 12 comes from bookworm-backports (Debian's default Mesa 22 fails with
 # "Failed to find a supported physical device"). Idempotent: does nothing when it is there.
 set -euo pipefail
+LAVAPIPE_ICD=/usr/share/vulkan/icd.d/lvp_icd.json
 
 mesa_version() { dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null || true; }
 mesa_is_new_enough() {
   local v; v=$(mesa_version)
-  [ -n "$v" ] && dpkg --compare-versions "$v" ge 25 && [ -f /usr/share/vulkan/icd.d/lvp_icd.json ]
+  [ -n "$v" ] && dpkg --compare-versions "$v" ge 25 && [ -f "$LAVAPIPE_ICD" ]
 }
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found; SAPIEN renders through its Vulkan driver"; exit 0
+# The driver to use: the Makefile's VK_ICD_FILENAMES (yours, or scripts/vulkan_icd.sh's choice:
+# lavapipe, or none where an NVIDIA GPU works); run on its own, the same choice.
+icd=${VK_ICD_FILENAMES-$(bash "$(dirname "$0")/vulkan_icd.sh")}
+if [ -z "$icd" ]; then
+  echo "setup: NVIDIA GPU found; SAPIEN renders on it through NVIDIA's Vulkan driver"
+  if ! compgen -G '/usr/share/vulkan/icd.d/nvidia*.json' >/dev/null \
+     && ! compgen -G '/etc/vulkan/icd.d/nvidia*.json' >/dev/null; then
+    echo "setup: warning: no NVIDIA Vulkan ICD file in /usr/share/vulkan/icd.d or /etc/vulkan/icd.d" >&2
+    echo "       (in a container, NVIDIA_DRIVER_CAPABILITIES must include graphics)" >&2
+  fi
+  exit 0
+fi
+if [ "$icd" != "$LAVAPIPE_ICD" ]; then
+  echo "setup: VK_ICD_FILENAMES=$icd (yours): nothing to install"; exit 0
 fi
 if mesa_is_new_enough; then
   echo "setup: software Vulkan ok (mesa-vulkan-drivers $(mesa_version))"; exit 0

@@ -51,6 +51,8 @@ def cases() -> list[tuple[str, list[str], str]]:
         ("sft_warmup.py", ["--exp-name", "a/b"], "--exp-name must be a plain name"),
         ("sft_warmup.py", ["--env", "twin", "--split", "nope"], "unknown split 'nope' for --env twin"),
         ("ppo_vla.py", ["--max-episode-steps", "0"], "--max-episode-steps must be at least 1"),
+        ("ppo_vla.py", ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("sft_warmup.py", ["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N"),
         # each script's own
         ("ppo_vla.py", ["--temperature", "inf"], "--temperature must be a positive number, got inf"),
         ("ppo_vla.py", ["--num-steps", "0"], "--num-steps must be at least 1"),
@@ -75,6 +77,7 @@ def cases() -> list[tuple[str, list[str], str]]:
     base = ["--checkpoint", "base"]
     out += [
         ("evaluate_ood.py", [*base, "--num-envs", "0"], "--num-envs must be at least 1, got 0"),
+        ("evaluate_ood.py", [*base, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
         ("evaluate_ood.py", [*base, "--num-envs", "-1"], "--num-envs must be at least 1, got -1"),
         ("evaluate_ood.py", [*base, "--episodes", "0"], "--episodes must be at least 1"),
         ("evaluate_ood.py", [*base, "--temperature", "-1"], "--temperature must be >= 0, got -1"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,88 @@ def test_resolve_device_refuses_a_missing_gpu() -> None:
     assert common.resolve_device("auto") == CPU
     with pytest.raises(ValueError, match="no CUDA GPU"):
         common.resolve_device("cuda")
+
+
+def fake_nvidia_smi(directory: Path, monkeypatch: pytest.MonkeyPatch, works: bool) -> None:
+    """An `nvidia-smi` first on PATH: one that lists a GPU, or one whose driver fails."""
+    script = directory / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n" if works else
+                      "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
+                      "exit 9\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_silent_cpu_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pinned wheel is a recent CUDA build: on an older driver torch sees no GPU, and "auto"
+    # used to run the 7B on the CPU in fp32 without a word.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "NVIDIA_DRIVER_GPUS", tmp_path / "no-proc")  # a GPU host's: not here
+    fake_nvidia_smi(tmp_path, monkeypatch, works=True)
+    assert common.nvidia_gpu_present()
+    for name in ("auto", "cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="has an NVIDIA GPU but torch .* cannot use it.*--device cpu"):
+            common.resolve_device(name)
+    assert common.resolve_device("cpu") == CPU, "on purpose, the CPU still runs"
+    fake_nvidia_smi(tmp_path, monkeypatch, works=False)  # a broken driver: no usable GPU either way
+    assert not common.nvidia_gpu_present()
+    assert common.resolve_device("auto") == CPU
+
+
+def test_device_names_torch_does_not_know_are_one_line_errors() -> None:
+    for name, expected in (("tpu", "not a device torch knows"), ("meta", "run on cpu or cuda")):
+        with pytest.raises(ValueError, match=expected):
+            common.resolve_device(name)
+
+
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> list:
+    """torch.cuda as a host with `count` GPUs shows it (no GPU is touched): returns the list of
+    (call, argument) made to set_device / set_rng_state."""
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set_rng_state", state)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every GPU's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every GPU's state"))
+    return calls
+
+
+def test_init_distributed_picks_the_rank_s_gpu_and_the_backend_of_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_gpus(monkeypatch, count=2)
+    joined: list[str] = []
+    monkeypatch.setattr(common.dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name in ("auto", "cuda"):
+        calls.clear()
+        assert common.init_distributed(name) == (1, 2, torch.device("cuda", 1))
+        assert calls == [("set_device", torch.device("cuda", 1))]
+        assert joined.pop() == "cpu:gloo,cuda:nccl"
+    # --device cpu on a GPU host (as tests/test_distributed.py runs): gloo only, no GPU touched.
+    calls.clear()
+    assert common.init_distributed("cpu") == (1, 2, CPU)
+    assert joined.pop() == "cpu:gloo" and calls == []
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        common.init_distributed("cuda:5")
+
+
+def test_a_run_resumes_on_a_host_with_another_number_of_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_gpus(monkeypatch, count=1)
+    state = common.rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8)), "this rank's GPU only"
+    common.restore_rng_state([state])
+    assert calls == [("set_rng_state", state["cuda"])]
+    # A checkpoint written before on a 4-GPU host held every GPU's state: rank 0 takes GPU 0's.
+    calls.clear()
+    old = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
+    common.restore_rng_state([old])
+    assert len(calls) == 1 and torch.equal(calls[0][1], torch.tensor([0], dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------------------- make_agent
