@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
 import json
 import math
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -418,7 +420,14 @@ def test_the_readme_7b_commands_run_on_the_official_layout(official_dir, loaded,
     it takes the module's agent away (one 7B-layout model in memory at a time)."""
     monkeypatch.chdir(tmp_path)  # the README's relative runs/... paths land here
     commands = readme_7b_commands(official_dir)
-    assert set(commands) == {"sft_warmup", "ppo_vla", "evaluate_ood"}
+    assert set(commands) == {"sft_warmup", "ppo_vla", "evaluate_ood", "scripts/check_setup"}
+    # The GPU user's first command (README, "GPUs") passes its checks on the directory too.
+    spec = importlib.util.spec_from_file_location("check_setup", REPO / "scripts" / "check_setup.py")
+    check_setup = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check_setup", check_setup)  # dataclasses look their module up
+    spec.loader.exec_module(check_setup)
+    setup_args = parse_cli(check_setup.Args, check_setup.check_args, None, commands.pop("scripts/check_setup"))
+    assert setup_args.model_path == str(official_dir) and setup_args.unnorm_key == "bridge_orig"
     modules = {name: importlib.import_module(name) for name in commands}
     args = {name: parse_cli(m.Args, m.check_args, getattr(m, "RECIPES", None), commands[name])
             for name, m in modules.items()}
