@@ -36,7 +36,7 @@ test: setup lint
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
 
-# The same study with more seeds and episodes per split (README: its time on this machine).
+# The same study with more seeds and episodes per split (not yet timed on this machine).
 study: setup
 	PY=$(PY) STUDY=1 bash scripts/demo.sh
 
@@ -63,8 +63,8 @@ bench: setup
 
 # The expert on every split, as a contact sheet (docs/splits.png).
 splits: setup
-	$(PY) envs.py --env twin --split all --episodes 2 --out results/twin_splits.png
-	$(PY) envs.py --env maniskill --split all --episodes 2 --out results/maniskill_splits.png
+	$(PY) scripts/contact_sheet.py --env twin --split all --episodes 2 --out results/twin_splits.png
+	$(PY) scripts/contact_sheet.py --env maniskill --split all --episodes 2 --out results/maniskill_splits.png
 
 clean:
 	rm -rf runs results demos demo

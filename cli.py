@@ -4,9 +4,10 @@ mistyped or out-of-range flag answer in well under two seconds.
 
     ARGS = parse_cli(Args, check_args, RECIPES)    # in a script, right after its Args
 
-A recipe is a named set of defaults: `python ppo_vla.py twin --seed 1` starts from
-RECIPES["twin"] (the README's numbers on the 2D twin) and applies the flags on top;
-`python ppo_vla.py --epochs 1` uses the dataclass defaults (the paper's).
+A recipe is a named set of defaults, a tyro subcommand: `python ppo_vla.py twin --seed 1` starts
+from RECIPES["twin"] (the README's numbers on the 2D twin) and applies the flags on top;
+`python ppo_vla.py --epochs 1` uses the dataclass defaults (the paper's), the `paper` subcommand
+that tyro picks when no recipe is named.
 """
 
 from __future__ import annotations
@@ -21,29 +22,37 @@ from typing import Any, TypeVar
 
 import tyro
 
+from tasks import check_split  # numpy only: still no torch
+
 T = TypeVar("T")
 TINY_PATCH_SIZE = 16  # = model.TINY_PATCH_SIZE (tests check), kept here so cli.py never imports torch
 # The shipped pretrained tiny VLA (`make pretrain` regenerates it), in the official OpenVLA layout.
 PRETRAINED_TWIN = str(Path(__file__).resolve().parent / "assets" / "tiny-openvla-twin")
+PAPER = "paper"  # parse_cli's subcommand for the dataclass defaults, beside a script's recipes
 
 
 def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,
               recipes: Mapping[str, tuple[str, T]] | None = None,
               argv: list[str] | None = None) -> T:
-    """Flags -> a checked Args. A first word naming a recipe picks that recipe's defaults.
+    """Flags -> a checked Args. `recipes` are tyro.extras.overridable_config_cli's named
+    (description, default Args) pairs: a first word naming one picks its defaults, the flags apply
+    on top. That helper requires a first word; here none is needed (the README's
+    `python ppo_vla.py --epochs 1`), so the dataclass defaults are one more subcommand, PAPER, and
+    tyro's default subcommand (CascadeSubcommandArgs lets its flags come without its name).
     A ValueError from `check` becomes one line on stderr and exit status 2, as argparse's own."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    recipes = recipes or {}
-    default, prog = None, None
-    if argv and argv[0] in recipes:
-        name = argv.pop(0)
-        default, prog = recipes[name][1], f"{sys.argv[0]} {name}"
-    description = None
     if recipes:
+        assert PAPER not in recipes, f"{PAPER!r} names the dataclass defaults"
+        defaults = {PAPER: args_type(), **{name: default for name, (_, default) in recipes.items()}}
+        descriptions = {PAPER: "the dataclass defaults (the paper's); also when no recipe is named",
+                        **{name: text for name, (text, _) in recipes.items()}}
         doc = (args_type.__module__ and sys.modules[args_type.__module__].__doc__) or ""
-        listing = "\n".join(f"  {name}: {text}" for name, (text, _) in recipes.items())
-        description = f"{doc.strip()}\n\nRecipes (a first word that sets other defaults):\n{listing}"
-    args = tyro.cli(args_type, args=argv, default=default, prog=prog, description=description)
+        args = tyro.cli(tyro.extras.subcommand_type_from_defaults(defaults, descriptions), args=argv,
+                        default=defaults[PAPER], config=(tyro.conf.CascadeSubcommandArgs,),
+                        description=f"{doc.strip()}\n\nRecipes (subcommands below): a first word that "
+                                    "sets other defaults, the flags applying on top.")
+    else:
+        args = tyro.cli(args_type, args=argv)
     if check is not None:
         try:
             check(args)
@@ -92,8 +101,6 @@ def check_device(name: str) -> None:
 
 def check_model_args(args: Any) -> None:
     """The flags every training script shares: task, model, adapter, run directory, resume."""
-    from envs import check_split  # numpy and gymnasium only: still no torch
-
     check_device(args.device)
     check_split(args.split, args.env)
     require_positive(args, "lora_rank", "lora_alpha", "image_size")
@@ -108,6 +115,13 @@ def check_model_args(args: Any) -> None:
     check_unnorm_key(args.model_path, args.unnorm_key, required=fresh)
     if not args.exp_name or "/" in args.exp_name:
         raise ValueError(f"--exp-name must be a plain name, got {args.exp_name!r}")
+    # A file where the run directory (or a folder above it) belongs would surface only at the
+    # first write, as a NotADirectoryError traceback.
+    run_dir = Path(args.output_dir) / args.exp_name
+    in_the_way = next((path for path in (run_dir, *run_dir.parents) if path.is_file()), None)
+    if in_the_way is not None:
+        which = "" if in_the_way == Path(args.output_dir) else f": {in_the_way}"
+        raise ValueError(f"--output-dir {args.output_dir}{which} is a file, not a directory")
 
 
 def check_unnorm_key(model_path: str | None, unnorm_key: str | None, required: bool = True) -> None:

@@ -42,7 +42,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, StaticCache
 
-from envs import MAX_EPISODE_ID, RenderingUnavailable
 from model import (
     ACTION_DIM,
     NUM_ACTION_BINS,
@@ -64,6 +63,7 @@ from model import (
     run_language_model,
     weights_fingerprint,
 )
+from tasks import MAX_EPISODE_ID, RenderingUnavailable
 
 CRITIC_MODES = ("h0", "last", "concat", "separate")
 DEFAULT_LORA_RANK, DEFAULT_LORA_ALPHA = 32, 16  # arXiv 2505.19789: LoRA rank 32, alpha 16
@@ -240,9 +240,10 @@ class ActorCritic(nn.Module):
             # Sample from finite stand-ins, so a diverged policy reaches the check after the loop
             # rather than a sampling error; finite logits pass unchanged (same tokens, same RNG).
             logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
-            dist = self.action_distribution(logits, temperature)
-            index = dist.logits.argmax(-1) if temperature == 0 else dist.sample()  # [B] in 0..255
-            logprob = logprob + dist.log_prob(index)
+            action_dist = self.action_distribution(logits, temperature)
+            greedy = temperature == 0
+            index = action_dist.logits.argmax(-1) if greedy else action_dist.sample()  # [B] in 0..255
+            logprob = logprob + action_dist.log_prob(index)
             token = index + self.action_tokenizer.first_id
             tokens.append(token)
             if step == ACTION_DIM - 1:
@@ -283,10 +284,11 @@ class ActorCritic(nn.Module):
         tokens = self.check_action_tokens(tokens)
         inputs = self.prepare_inputs(images, instructions)
         hidden = predicting_hidden_states(self.vla, inputs, tokens)  # [B, 7, D]
-        dist = self.action_distribution(self.action_logits(hidden), temperature)
+        action_dist = self.action_distribution(self.action_logits(hidden), temperature)
         index = tokens - self.action_tokenizer.first_id  # [B, 7] in 0..255
         value = self.value_from_hidden(inputs, hidden)
-        return dist.log_prob(index).sum(-1).float(), dist.entropy().sum(-1).float(), value
+        logprob, entropy = action_dist.log_prob(index).sum(-1), action_dist.entropy().sum(-1)
+        return logprob.float(), entropy.float(), value
 
     # --- a frozen reference policy (GRPO's KL anchor) --------------------------------------------
 
@@ -372,11 +374,14 @@ def build_agent(model_path: str | None = None, critic: str | None = "h0",
                            lora_alpha=lora_alpha)
 
 
-def read_checkpoint_config(path: Path) -> dict[str, Any]:
-    """A checkpoint's config.json, checked for completeness; nothing heavy is read."""
+def read_checkpoint_config(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint's config.json, checked for completeness; nothing heavy is read. `what` names
+    the path in the errors (e.g. "--init-checkpoint")."""
     clean_stale_temp_dirs(path)
+    if path.is_file():  # a file named where a checkpoint directory belongs: say so, not "missing"
+        raise CheckpointError(f"{what} {path} is a file, not a checkpoint directory")
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     missing = [name for name in CHECKPOINT_FILES if not (path / name).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
@@ -423,7 +428,10 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
     agent, state = load_checkpoint(path, device, model_path=args.model_path,
                                    unnorm_key=args.unnorm_key, critic=critic, dtype=dtype,
                                    seed=args.seed)
-    if args.resume:
+    if args.resume:  # the script's resume block applies the new learning rates to its optimizer
+        for change in resume_flag_changes(args, state.get("args", {}), algorithm, path):
+            if world_info()[0] == 0:
+                print(f"--resume: {change}", file=sys.stderr)
         return agent, state
     if critic is not None and config["critic"] != critic:
         had = "no" if config["critic"] is None else f"a {config['critic']!r}"
@@ -441,7 +449,7 @@ def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
         return None
     asked_critic = getattr(args, "critic", None) if needs_critic else None
     path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
-    config = read_checkpoint_config(path)
+    config = read_checkpoint_config(path, "checkpoint" if args.resume else "--init-checkpoint")
     if args.resume and config["algorithm"] != algorithm:
         raise CheckpointError(f"--resume: {path} is a {config['algorithm']} checkpoint, not "
                               f"{algorithm}; resume it with its own script or start a new --exp-name")
@@ -456,7 +464,65 @@ def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
     if differ:
         what = "the run to resume" if args.resume else "--init-checkpoint"
         raise CheckpointError(f"{', '.join(differ)} differ from {what} {path}; drop the flag(s)")
+    if args.resume:  # every other flag against the run's own, before any slow set-up
+        resume_flag_changes(args, read_run_args(path), algorithm, path)
     return path, config
+
+
+# How each flag of a resumed run relates to the flags the run was saved with (trainer state's
+# "args"). A resumed run is the same run continued: a flag is applied from the next step (and
+# each change printed) only where continuing under the new value is still that run; any other
+# difference is an error, so that the flags saved next are always what ran.
+RESUME_FINDS_THE_RUN = ("exp_name", "output_dir", "resume")  # where the run is, and the request:
+# never compared (the run directory may have moved; --resume is what makes this a resume).
+RESUME_NOT_GIVEN_IS_THE_RUNS = (  # None = "not given": the resumed run takes the run's value
+    "model_path", "unnorm_key", "init_checkpoint", "lora_rank", "lora_alpha", "image_size",
+    "critic", "max_episode_steps", "demo_dir", "pairs_from")
+RESUME_CHECKED_ELSEWHERE = (  # a given value is checked where the truth is kept:
+    "lora_rank", "lora_alpha", "image_size", "critic",  # the checkpoint's config (above)
+    "num_demos", "demo_dir")  # sft_warmup.py: the demonstrations its trainer state names
+RESUME_APPLIES = (
+    "learning_rate", "value_learning_rate",  # a plain AdamW, no schedule: e.g. lower after a divergence
+    "total_iterations", "total_steps", "rounds",  # longer or shorter: nothing anneals with the length
+    "eval_every", "eval_episodes", "eval_temperature", "val_every", "save_every",  # what is measured, saved when
+    "device", "dtype", "model_path")  # where it runs, in what precision; the base's new place (fingerprinted)
+RESUME_APPLIES_MEMORY = {  # knobs that only split the same gradient differently (per script: PPO's
+    # and GRPO's --grad-accum-steps sets the optimizer step's size, SFT's does not)
+    "sft": ("grad_accum_steps", "gradient_checkpointing"),
+    "dpo": ("chunk_size",),
+}
+
+
+def read_run_args(path: Path) -> dict[str, Any]:
+    """The flags a checkpoint's run was saved with ({} for a checkpoint without them), read
+    without loading its optimizer state (memory-mapped: the tensors are never touched)."""
+    state = parse_file(path / "trainer_state.pt",
+                       lambda p: torch.load(p, map_location="cpu", weights_only=False, mmap=True))
+    return state.get("args") or {}
+
+
+def resume_flag_changes(args: Any, run_args: dict[str, Any], algorithm: str, path: Path) -> list[str]:
+    """Compare a resumed run's flags with the run's own (`run_args`). Not given: set to the
+    run's value in `args`. Applied (RESUME_APPLIES): returned, one "--flag old -> new" each.
+    Anything else that differs: a one-line CheckpointError naming every such flag."""
+    applies = RESUME_APPLIES + RESUME_APPLIES_MEMORY.get(algorithm, ())
+    changes, refused = [], []
+    for name, run_value in run_args.items():
+        if name in RESUME_FINDS_THE_RUN or not hasattr(args, name):  # a flag since removed
+            continue
+        given = getattr(args, name)
+        if given is None and name in RESUME_NOT_GIVEN_IS_THE_RUNS:
+            setattr(args, name, run_value)
+        elif given == run_value or name in RESUME_CHECKED_ELSEWHERE:
+            continue
+        elif name in applies:
+            changes.append(f"--{name.replace('_', '-')} {run_value} -> {given}")
+        else:
+            refused.append(f"--{name.replace('_', '-')} {given} (the run's: {run_value})")
+    if refused:
+        raise CheckpointError(f"--resume: {', '.join(refused)} would make it another run than {path}; "
+                              f"give the run's values, or start a new run with another --exp-name")
+    return changes
 
 
 def planned_image_size(args: Any) -> int:
@@ -466,7 +532,8 @@ def planned_image_size(args: Any) -> int:
         return args.image_size
     if args.resume or args.init_checkpoint is not None:
         path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
-        return read_checkpoint_config(path)["model_config"]["image_sizes"][0]
+        what = "checkpoint" if args.resume else "--init-checkpoint"
+        return read_checkpoint_config(path, what)["model_config"]["image_sizes"][0]
     return model_image_size(args.model_path)
 
 
@@ -873,13 +940,16 @@ def check_finite(where: str, **quantities: float | torch.Tensor) -> None:
                                  f"the last checkpoint is kept (try a lower learning rate)")
 
 
-NVIDIA_DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the kernel driver drives
+DEVICE_FILES = Path("/dev")  # the driver's /dev/nvidia0, /dev/nvidia1, ...: GPUs this process can open
 
 
 def nvidia_gpu_present() -> bool:
-    """Does this machine have an NVIDIA GPU with its driver loaded, whatever torch sees? The
-    kernel driver lists its GPUs in NVIDIA_DRIVER_GPUS; else ask nvidia-smi."""
-    if NVIDIA_DRIVER_GPUS.is_dir() and any(NVIDIA_DRIVER_GPUS.iterdir()):
+    """Can this process reach an NVIDIA GPU, whatever torch sees? Its device files (a container
+    started without GPUs has none, though /proc may list the host's), else nvidia-smi's list;
+    never when CUDA_VISIBLE_DEVICES hides every GPU on purpose ("" or -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if any(path.name[len("nvidia"):].isdigit() for path in DEVICE_FILES.glob("nvidia[0-9]*")):
         return True
     if shutil.which("nvidia-smi") is None:
         return False
@@ -907,8 +977,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available() and nvidia_gpu_present():
             raise ValueError(unusable_gpu_message(name))
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    # Where a launcher shows each rank only its own GPU (SLURM's per-task CUDA_VISIBLE_DEVICES),
+    # that GPU is device 0 of every rank.
+    rank_gpu = 0 if torch.cuda.is_available() and torch.cuda.device_count() == 1 else local_rank
     try:
-        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+        device = torch.device(f"cuda:{rank_gpu}" if name == "cuda" else name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
@@ -981,7 +1054,7 @@ def tensorboard_hint(run_dir: Path) -> str:
 
 
 # How long ranks wait for rank 0 alone (collecting demonstrations: 16k SFT demos take hours),
-# instead of the process group's timeout (NCCL's watchdog: 10 minutes).
+# instead of the process group's timeout (30 minutes for "cpu:gloo,cuda:nccl", gloo and NCCL alike).
 RANK_ZERO_WAIT = timedelta(hours=12)
 
 

@@ -34,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common import ActOutput, EpisodeLoop, expert_policy
-from envs import MAX_EPISODE_ID, make_vec_env
+from envs import make_vec_env
+from tasks import MAX_EPISODE_ID
 
 ROLES = ("train", "heldout")
 ENV_IDS = {"maniskill": "PutOn-v1", "twin": "PutOnTwin-v1"}  # registered with ManiSkill / gymnasium
@@ -85,7 +86,7 @@ def collect_expert_demos(envs: Any, episode_ids: np.ndarray, success_steps: int 
     keep_success_steps: keep the steps taken from an already successful state even when idle.
     The twin's expert waits there (ManiSkill's retreats first): without those steps a cloned
     policy never sees a placed object and re-grasps it, measured on the twin: SFT on 256 demos,
-    1000 steps, 53% -> 72% on `ind`, the failures "placed, then lost" 23% -> 1% (README).
+    1000 steps, 53% -> 72% on `ind`, the failures "placed, then lost" 23% -> 1% (docs/HISTORY.md).
 
     action_noise > 0 (DART, Laskey et al. 2017): on 30% of the steps the executed motion gets
     Gaussian noise of this std (action units) while the demonstration records the expert's

@@ -164,7 +164,8 @@ from common import (
     seed_everything,
     world_info,
 )
-from envs import MAX_EPISODE_ID, make_vec_env
+from envs import make_vec_env
+from tasks import MAX_EPISODE_ID
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -326,13 +327,14 @@ def main(args: Args) -> dict[str, float]:
     state_rng = np.random.default_rng(args.seed)
     start_round, updates = 0, 0
     if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
         restore_rng_state(state["rng"], rank, world)
         state_rng.bit_generator.state = state["state_rng"]
         start_round, updates = state["round"], state["updates"]
 
     envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
-                        max_episode_steps=args.max_episode_steps, env=args.env)
+                        max_episode_steps=args.max_episode_steps, env=args.env, render_device=str(device))
     writer = make_writer(run_dir(args), args, updates)  # None on ranks > 0
     metrics: dict[str, float] = {}
     if start_round == 0 and args.eval_every > 0:  # the reference policy: the baseline of every round

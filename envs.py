@@ -26,324 +26,33 @@ Action: 7-D [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1]; gripper +1 op
 
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-
-# --------------------------------------------------------------------------------------------
-# Splits: the benchmark of arXiv 2505.19789 (Table 1), one training split and 15 OOD splits
-# --------------------------------------------------------------------------------------------
-
-SPLITS: dict[str, str] = {
-    "ind": "ind",
-    "unseen_table": "vision",
-    "texture_weak": "vision",
-    "texture_strong": "vision",
-    "noise_weak": "vision",
-    "noise_strong": "vision",
-    "unseen_objects": "semantics",
-    "unseen_receptacles": "semantics",
-    "unseen_instructions": "semantics",
-    "multi_object_seen": "semantics",
-    "multi_object_unseen": "semantics",
-    "distractor_receptacle": "semantics",
-    "multi_receptacle": "semantics",
-    "unseen_position": "execution",
-    "unseen_robot_pose": "execution",
-    "reposition": "execution",
-}
-# Splits of the twin alone: `pretrain` is the data the tiny VLA is pretrained on, the analogue
-# of the robot data OpenVLA saw before the study (no asset of an OOD split appears in it).
-TWIN_ONLY_SPLITS = ("pretrain",)
-ENV_FAMILIES = ("maniskill", "twin")
-# Dynamic perturbations (paper: alpha 0.3 / 0.5): a pattern on the robot and object pixels,
-# or noise over the whole image, new at every step.
-TEXTURE_ALPHA = {"texture_weak": 0.3, "texture_strong": 0.5}
-NOISE_ALPHA = {"noise_weak": 0.3, "noise_strong": 0.5}
-MAX_EPISODE_ID = 2**31 - 1  # episode ids are drawn from [0, MAX_EPISODE_ID)
-
-# Instructions: one template in training, 16 paraphrases for `unseen_instructions`.
-TRAIN_TEMPLATE = "put {object} on {receptacle}"
-UNSEEN_TEMPLATES = (
-    "place the {object} onto the {receptacle}",
-    "move the {object} to the {receptacle}",
-    "pick up the {object} and put it on the {receptacle}",
-    "set the {object} on top of the {receptacle}",
-    "could you put the {object} on the {receptacle}",
-    "transfer the {object} onto the {receptacle}",
-    "grab the {object} and place it on the {receptacle}",
-    "lay the {object} on the {receptacle}",
-    "the {object} goes on the {receptacle}",
-    "drop the {object} onto the {receptacle}",
-    "get the {object} onto the {receptacle}",
-    "I want the {object} on the {receptacle}",
-    "position the {object} on the {receptacle}",
-    "put the {object} down on the {receptacle}",
-    "rest the {object} on the {receptacle}",
-    "bring the {object} over to the {receptacle}",
-)
-
-
-
-class RenderingUnavailable(RuntimeError):
-    """No usable Vulkan driver for SAPIEN (maniskill_env.py raises it instead of a traceback)."""
-
-
-def valid_splits(env: str) -> tuple[str, ...]:
-    return tuple(SPLITS) + (TWIN_ONLY_SPLITS if env == "twin" else ())
-
-
-def check_split(split: str, env: str = "maniskill") -> None:
-    if env not in ENV_FAMILIES:
-        raise ValueError(f"unknown env {env!r}; valid: {', '.join(ENV_FAMILIES)}")
-    if split not in valid_splits(env):
-        raise ValueError(f"unknown split {split!r} for --env {env}; valid splits: "
-                         f"{', '.join(valid_splits(env))}")
+import twin_env
+from tasks import check_split
 
 
 def make_vec_env(split: str, num_envs: int, image_size: int = 112, seed: int = 0,
                  max_episode_steps: int | None = None, env: str = "maniskill",
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, render_device: str | None = None):
     """Batched envs of one split. max_episode_steps None: the family's horizon (maniskill 80,
     twin its own). num_workers (maniskill only): subprocesses that share the envs (None: one
     per env up to this rank's share of the node's cores, maniskill_env.workers_per_rank;
-    in-process when num_envs == 1; 0: all in this process)."""
+    in-process when num_envs == 1; 0: all in this process). render_device (maniskill only):
+    the policy's device, e.g. "cuda:1", whose GPU renders (None or "cpu": the rank's GPU if
+    torch sees one, else SAPIEN's CPU renderer)."""
     check_split(split, env)
     if num_envs < 1:
         raise ValueError(f"num_envs must be at least 1, got {num_envs}")
     if env == "twin":
-        from twin_env import TwinVecEnv
+        return twin_env.TwinVecEnv(split, num_envs, image_size, seed, max_episode_steps)
+    # Imported when asked for, not to break a cycle (there is none): mani_skill and SAPIEN take
+    # seconds to import and the twin needs neither.
+    import maniskill_env
 
-        return TwinVecEnv(split, num_envs, image_size, seed, max_episode_steps)
-    from maniskill_env import VecEnv
-
-    return VecEnv(split, num_envs, image_size, seed, max_episode_steps, num_workers)
+    return maniskill_env.VecEnv(split, num_envs, image_size, seed, max_episode_steps, num_workers, render_device)
 
 
 def default_horizon(env: str) -> int:
     """Steps per episode of a family (no early termination)."""
     if env == "twin":
-        from twin_env import TWIN_HORIZON
-
-        return TWIN_HORIZON
+        return twin_env.TWIN_HORIZON
     return 80  # arXiv 2505.19789: 80 steps per episode
-
-
-# --------------------------------------------------------------------------------------------
-# Reward: the paper's potential-shaped reward, the same in both families
-# --------------------------------------------------------------------------------------------
-
-
-def potential(grasped_once: bool, held5_once: bool, success: bool) -> float:
-    """phi = 0.1 [grasped so far] + 0.1 [held 5+ steps in a row so far]
-    + 1.0 [success now and grasped so far]."""
-    return 0.1 * grasped_once + 0.1 * held5_once + 1.0 * (success and grasped_once)
-
-
-@dataclass
-class PotentialReward:
-    """Per-episode bookkeeping; reward_t = phi_t - phi_(t-1), so a return is phi at the end."""
-
-    grasped_once: bool = False
-    held_steps: int = 0
-    held5_once: bool = False
-    success_once: bool = False
-    phi: float = 0.0
-
-    def update(self, grasped: bool, success: bool) -> float:
-        self.grasped_once |= grasped
-        self.held_steps = self.held_steps + 1 if grasped else 0
-        self.held5_once |= self.held_steps >= 5
-        self.success_once |= success
-        phi = potential(self.grasped_once, self.held5_once, success)
-        reward, self.phi = phi - self.phi, phi
-        return reward
-
-
-# --------------------------------------------------------------------------------------------
-# Image perturbations and procedural tables (numpy only, shared by both families)
-# --------------------------------------------------------------------------------------------
-
-TABLE_TEXTURE_SIZE = 256
-
-
-def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling of a small [h, w, C] grid to [height, width, C]."""
-
-    def axis(n_in: int, n_out: int):
-        coords = np.linspace(0, n_in - 1, n_out)
-        i0 = np.floor(coords).astype(int)
-        return i0, np.minimum(i0 + 1, n_in - 1), coords - i0
-
-    r0, r1, rw = axis(grid.shape[0], height)
-    c0, c1, cw = axis(grid.shape[1], width)
-    rows = grid[r0] * (1 - rw)[:, None, None] + grid[r1] * rw[:, None, None]
-    return rows[:, c0] * (1 - cw)[None, :, None] + rows[:, c1] * cw[None, :, None]
-
-
-def smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
-    """Value noise in [0, 1]: random values on a cells x cells grid, bilinearly upsampled."""
-    return _upsample(rng.random((cells, cells, channels)), size, size)
-
-
-def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return a * (1 - t[..., None]) + b * t[..., None]
-
-
-def make_table_texture(index: int, size: int = TABLE_TEXTURE_SIZE) -> np.ndarray:
-    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21 on)
-    are wood, checker, speckle and marble in many palettes; 16-20 use five other pattern
-    families (stripes, dots, bricks, rings, plaid), so they are new in pattern and colour."""
-    rng = np.random.default_rng([7, index])
-    u, v = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
-    c1, c2 = rng.uniform(0.15, 0.9, size=3), rng.uniform(0.15, 0.9, size=3)
-    family = index - 16 + 4 if 16 <= index <= 20 else index % 4
-    if family == 0:  # wood: warped stripes in brown tones
-        tone = np.array([0.6, 0.4, 0.22]) * rng.uniform(0.6, 1.4) + rng.uniform(-0.08, 0.08, size=3)
-        c1, c2 = tone, tone * 0.6
-        warp = smooth_noise(rng, size, 5)[..., 0]
-        t = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(6, 12) * u + 1.5 * warp))
-    elif family == 1:  # checker
-        n = rng.integers(6, 16)
-        t = ((np.floor(u * n) + np.floor(v * n)) % 2).astype(float)
-    elif family == 2:  # solid with speckles
-        t = (rng.random((size, size)) > 0.9).astype(float) * 0.6
-    elif family == 3:  # marble: two octaves of smooth noise
-        t = 0.6 * smooth_noise(rng, size, 8)[..., 0] + 0.4 * smooth_noise(rng, size, 32)[..., 0]
-    elif family == 4:  # diagonal stripes
-        t = (np.sin(2 * np.pi * rng.uniform(15, 30) * (u + v)) > 0).astype(float)
-    elif family == 5:  # polka dots
-        n = rng.integers(10, 20)
-        t = (np.hypot((u * n) % 1 - 0.5, (v * n) % 1 - 0.5) < 0.3).astype(float)
-    elif family == 6:  # bricks
-        n = rng.integers(12, 20)
-        row = np.floor(v * n)
-        shifted = u * n / 2 + 0.5 * (row % 2)
-        t = (((v * n) % 1 < 0.12) | (shifted % 1 < 0.06)).astype(float)
-    elif family == 7:  # concentric rings
-        t = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(10, 20) * np.hypot(u - 0.5, v - 0.5))
-    else:  # plaid: crossing translucent bands
-        n = rng.uniform(8, 16)
-        t = 0.5 * (np.sin(2 * np.pi * n * u) > 0.3) + 0.5 * (np.sin(2 * np.pi * n * v) > 0.3)
-    rgb = _mix(np.broadcast_to(c1, (size, size, 3)), np.broadcast_to(c2, (size, size, 3)), t)
-    rgba = np.concatenate([rgb, np.ones((size, size, 1))], axis=-1)
-    return (np.clip(rgba, 0, 1) * 255).astype(np.uint8)
-
-
-def frame_rng(split: str, episode_id: int, step: int) -> np.random.Generator:
-    """Per-frame randomness of the dynamic splits: fixed by (split, id, step), so a re-run of an
-    episode sees the same perturbations."""
-    return np.random.default_rng([zlib.crc32(split.encode()), int(episode_id), int(step), 1])
-
-
-def random_pattern(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random colourful texture [H, W, 3] in [0, 1]: stripes, checker or colour blobs."""
-    u, v = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    c1, c2 = rng.random(3), rng.random(3)
-    kind = rng.integers(3)
-    if kind == 0:
-        angle = rng.uniform(0, np.pi)
-        along = u * np.cos(angle) + v * np.sin(angle)
-        t = (np.sin(2 * np.pi * rng.uniform(4, 12) * along) > 0).astype(float)
-    elif kind == 1:
-        n = rng.integers(3, 10)
-        t = ((np.floor(u * n) + np.floor(v * n)) % 2).astype(float)
-    else:
-        return _upsample(rng.random((6, 6, 3)), height, width)
-    return _mix(np.broadcast_to(c1, (height, width, 3)), np.broadcast_to(c2, (height, width, 3)), t)
-
-
-def random_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A colour noise pattern [H, W, 3] in [0, 1]: coarse blobs plus per-pixel grain."""
-    coarse = _upsample(rng.random((rng.integers(4, 16),) * 2 + (3,)), height, width)
-    return 0.5 * coarse + 0.5 * rng.random((height, width, 3))
-
-
-def blend(image: np.ndarray, overlay: np.ndarray, alpha: float,
-          mask: np.ndarray | None = None) -> np.ndarray:
-    """(1 - alpha) * image + alpha * overlay, only where mask is True (everywhere if None)."""
-    mixed = (1 - alpha) * image.astype(np.float32) + alpha * 255.0 * overlay
-    if mask is not None:
-        mixed = np.where(mask[..., None], mixed, image)
-    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: the expert on splits, as a contact sheet
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Args:
-    """Run the scripted expert on splits and draw a contact sheet (first, middle and last frame
-    of each episode, with its instruction and outcome): `python envs.py --env twin --split all`."""
-
-    env: str = "twin"
-    """task family: 'twin' (the 2D twin, seconds) or 'maniskill' (the benchmark, minutes)"""
-    split: str = "all"
-    """'all', or one of: ind, unseen_table, texture_weak, texture_strong, noise_weak,
-    noise_strong, unseen_objects, unseen_receptacles, unseen_instructions, multi_object_seen,
-    multi_object_unseen, distractor_receptacle, multi_receptacle, unseen_position,
-    unseen_robot_pose, reposition (and pretrain for the twin)"""
-    episodes: int = 2
-    """episodes per split (episode ids 0 .. episodes-1)"""
-    image_size: int = 112
-    """rendered image size in pixels"""
-    out: str = "results/contact_sheet.png"
-    """where to write the contact sheet"""
-
-
-def check_cli_args(args: Args) -> None:
-    if args.split != "all":
-        check_split(args.split, args.env)
-    elif args.env not in ENV_FAMILIES:
-        raise ValueError(f"unknown env {args.env!r}; valid: {', '.join(ENV_FAMILIES)}")
-    if args.episodes < 1 or args.image_size < 8:
-        raise ValueError("--episodes must be >= 1 and --image-size >= 8")
-
-
-def contact_sheet(args: Args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common import EpisodeLoop, expert_policy
-
-    splits = list(valid_splits(args.env)) if args.split == "all" else [args.split]
-    fig, axes = plt.subplots(len(splits), 3 * args.episodes, squeeze=False,
-                             figsize=(3 * args.episodes * 1.3, len(splits) * 1.45))
-    envs = make_vec_env(splits[0], args.episodes, args.image_size, env=args.env)
-    try:
-        for row, split in enumerate(splits):
-            if envs.split != split:
-                envs.set_split(split)
-            ids = np.arange(args.episodes)
-            rollout = EpisodeLoop(envs, lambda ids=ids: ids).run(expert_policy(envs), envs.max_episode_steps)
-            frames = np.concatenate([rollout.images.numpy(), rollout.final_images[None]])  # [T + 1, N, ...]
-            rate = float(rollout.episode_success.mean())
-            print(f"{split:24s} expert success {rate:6.1%} ({args.episodes} episodes)", flush=True)
-            for n in range(args.episodes):
-                for k, t in enumerate((0, len(frames) // 2, len(frames) - 1)):
-                    ax = axes[row, 3 * n + k]
-                    ax.imshow(frames[t, n])
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                    ok = "ok" if rollout.episode_success[n] else "fail"
-                    ax.set_title(rollout.instructions[0][n] if k == 0 else f"t={t}" + (f" {ok}" if k == 2 else ""),
-                                 fontsize=5)
-            axes[row, 0].set_ylabel(f"{split}\n{rate:.0%}", fontsize=6)
-    finally:
-        envs.close()
-    fig.tight_layout(pad=0.3)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=150)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    from cli import parse_cli
-
-    contact_sheet(parse_cli(Args, check_cli_args))

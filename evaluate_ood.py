@@ -19,11 +19,13 @@ with --video N, videos/LABEL/*.mp4.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
 from cli import check_device, check_unnorm_key, parse_cli, require_non_negative, require_positive
+from tasks import SPLITS, RenderingUnavailable, valid_splits  # numpy only: checked before torch
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Args:
 
 def check_args(args: Args) -> None:
     check_device(args.device)
+    in_the_way = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.is_file()), None)
+    if in_the_way is not None:
+        raise ValueError(f"--output-dir {args.output_dir}: {in_the_way} is a file, not a directory")
     require_positive(args, "episodes", "num_envs", "max_episode_steps", "image_size")
     require_non_negative(args, "temperature", "video", "num_workers")
     if not args.seeds:
@@ -88,8 +93,6 @@ def check_args(args: Args) -> None:
 
 def resolve_splits(requested: tuple[str, ...], env: str) -> list[str]:
     """Expand 'all' and dimension names; keep the benchmark's order so the table groups well."""
-    from envs import SPLITS, valid_splits
-
     benchmark = list(valid_splits(env))
     dimensions = set(SPLITS.values()) - {"ind"}
     chosen: set[str] = set()
@@ -128,7 +131,6 @@ import json
 import sys
 import zlib
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import imageio.v2 as imageio
@@ -151,7 +153,7 @@ from common import (
     resolve_dtype,
     world_info,
 )
-from envs import SPLITS, RenderingUnavailable, make_vec_env
+from envs import make_vec_env
 
 matplotlib.use("Agg")  # files only, no window: runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -193,7 +195,7 @@ def load_policy(path: str, args: Args, device: torch.device) -> Any:
 
 
 def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, image_size: int,
-                       progress: tqdm) -> dict[str, list[EpisodeOutcomes]]:
+                       progress: tqdm, render_device: str | None = None) -> dict[str, list[EpisodeOutcomes]]:
     """split -> one EpisodeOutcomes per seed, the same on every rank.
 
     The episodes of every (split, seed) are cut into batches of num_envs; the batches of all
@@ -207,7 +209,8 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
     starts = range(0, args.episodes, batch_size)
     jobs = [(split, seed, b) for split in splits for seed in args.seeds for b in range(len(starts))]
     envs = make_vec_env(splits[0], batch_size, image_size, seed=args.seeds[0],
-                        max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers)
+                        max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers,
+                        render_device=render_device)
     played = [min(batch_size, args.episodes - start) for start in starts]  # episodes per batch
     mine: dict[tuple[str, int, int], EpisodeOutcomes] = {}
     try:
@@ -483,7 +486,7 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
             policy = load_policy(path, args, device)
             image_size = args.image_size or policy.image_size
             results[label] = evaluate_on_splits(policy.as_policy(args.temperature), label, splits, args,
-                                                image_size, progress)
+                                                image_size, progress, render_device=str(device))
             del policy  # free its memory before the next one loads
 
     summary = summarise(results)

@@ -156,7 +156,8 @@ from common import (
     seed_everything,
     show_progress,
 )
-from envs import MAX_EPISODE_ID, make_vec_env
+from envs import make_vec_env
+from tasks import MAX_EPISODE_ID
 
 
 def grouped_episode_ids(rng: np.random.Generator, num_envs: int, group_size: int) -> np.ndarray:
@@ -239,7 +240,8 @@ def main(args: Args) -> dict[str, float]:
     episode_rng = np.random.default_rng(args.seed)
     start_iteration = 0
     if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
         restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
         start_iteration = state["iteration"]
@@ -247,7 +249,7 @@ def main(args: Args) -> dict[str, float]:
     agent.freeze_reference(state.get("reference_lora"))
 
     envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
-                        max_episode_steps=args.max_episode_steps, env=args.env)
+                        max_episode_steps=args.max_episode_steps, env=args.env, render_device=str(device))
     loop = EpisodeLoop(envs, lambda: rank_slice(grouped_episode_ids(episode_rng, args.num_envs * world,
                                                                     args.group_size)))
     num_steps = envs.max_episode_steps  # one whole episode per env: a group's returns are complete

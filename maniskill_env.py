@@ -57,7 +57,7 @@ from mani_skill.utils.building.ground import build_ground  # noqa: E402
 from mani_skill.utils.registration import register_env  # noqa: E402
 from mani_skill.utils.structs import Pose  # noqa: E402
 
-from envs import (  # noqa: E402
+from tasks import (  # noqa: E402
     MAX_EPISODE_ID,
     NOISE_ALPHA,
     TEXTURE_ALPHA,
@@ -800,10 +800,23 @@ def render_backend(local_rank: int, num_gpus: int) -> str:
     return f"sapien_cuda:{local_rank % num_gpus}"
 
 
-def rank_render_backend() -> str:
-    """render_backend() for this process: LOCAL_RANK from torchrun (0 outside it)."""
+def rank_render_backend(device: str | None = None) -> str:
+    """render_backend() for this process: the policy's GPU when `device` names one (cuda:N),
+    else this rank's (LOCAL_RANK from torchrun, 0 outside it) whenever torch sees a GPU, even
+    for a policy on the CPU: SAPIEN's CPU renderer needs Mesa's driver, which a GPU host may lack."""
+    if device is not None and device.startswith("cuda:"):
+        return f"sapien_cuda:{int(device.split(':')[1])}"
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return render_backend(int(os.environ.get("LOCAL_RANK", 0)), num_gpus)
+
+
+def select_render_gpu(render_backend: str) -> None:
+    """Make the render GPU this process's current CUDA device. ManiSkill synchronises the
+    current device after rendering on CUDA (a bare torch.cuda.synchronize() in
+    sapien_env.py): in a spawned worker that is GPU 0, which would open a CUDA context on GPU 0
+    for every worker of every rank, and wait on a device that did not render."""
+    if render_backend.startswith("sapien_cuda:"):
+        torch.cuda.set_device(int(render_backend.split(":")[1]))
 
 
 def workers_per_rank(num_envs: int, cpu_count: int, local_world_size: int,
@@ -976,6 +989,7 @@ def _worker(conn, split: str, num_tasks: int, image_size: int, max_episode_steps
     """Subprocess loop: owns `num_tasks` PutOnTasks and runs a method on each per request."""
     torch.set_num_threads(1)  # several workers share few cores
     try:
+        select_render_gpu(render_backend)
         tasks = [PutOnTask(split, image_size, max_episode_steps, render_backend) for _ in range(num_tasks)]
     except RenderingUnavailable as err:
         conn.send(("render_error", str(err)))
@@ -1022,7 +1036,7 @@ class VecEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.DISABLED}
 
     def __init__(self, split: str, num_envs: int, image_size: int, seed: int,
-                 max_episode_steps: int | None, num_workers: int | None):
+                 max_episode_steps: int | None, num_workers: int | None, render_device: str | None = None):
         check_split(split)
         self.split, self.num_envs, self.image_size = split, num_envs, image_size
         self.max_episode_steps = max_episode_steps or MAX_EPISODE_STEPS
@@ -1037,7 +1051,7 @@ class VecEnv(gym.vector.VectorEnv):
         self.instructions: tuple[str, ...] = ("",) * num_envs
         self._sent: tuple[str, list[tuple]] | None = None  # a call sent and not yet received
         # Chosen here, not in each worker, so that every env of this rank renders on one device.
-        self.render_backend = rank_render_backend()
+        self.render_backend = rank_render_backend(render_device)
         if num_workers is None:
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on this node
             cap = None if self.render_backend == "cpu" else MAX_GPU_RENDER_WORKERS

@@ -59,8 +59,6 @@ SIGLIP_TIMM_ID = "vit_so400m_patch14_siglip_224"
 DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
-PRESETS = ("tiny", "openvla-7b")
-CRITIC_MODES = ("h0", "last", "concat", "separate")
 OPENVLA_IMAGE_SIZE = 224  # both towers of OpenVLA-7B take 224 px images
 TINY_IMAGE_SIZE = 64  # 64 px / patch 16 = 4 x 4 = 16 patches per tower (docs/PRETRAINING.md)
 TINY_PATCH_SIZE = 16
@@ -278,6 +276,12 @@ def model_dtype(device: torch.device) -> torch.dtype:
 # =============================================================================================
 
 
+def first_action_id(text_vocab_size: int, n_bins: int = NUM_ACTION_BINS) -> int:
+    """The action ids are the text vocabulary's last n_bins (31744..31999 in OpenVLA-7B): the
+    tokenizer and the loss must agree on where they start, so both ask here."""
+    return text_vocab_size - n_bins
+
+
 class ActionTokenizer:
     """Normalised actions in [-1, 1] <-> the last 256 ids of the text vocabulary.
 
@@ -290,7 +294,7 @@ class ActionTokenizer:
         self.n_bins = n_bins
         self.bins = np.linspace(-1.0, 1.0, n_bins)  # [256] edges
         self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2  # [255]
-        self.first_id = vocab_size - n_bins  # action ids are first_id .. vocab_size - 1
+        self.first_id = first_action_id(vocab_size, n_bins)  # action ids: first_id .. vocab_size - 1
 
     def encode(self, actions: np.ndarray) -> np.ndarray:
         """[..., 7] float in [-1, 1] (clipped) -> [..., 7] int64 token ids."""
@@ -592,7 +596,7 @@ def action_token_loss(vla: OpenVLA, inputs: PromptInputs, tokens: torch.Tensor,
     """
     hidden = predicting_hidden_states(vla, inputs, tokens)
     logits = vla.language_model.lm_head(hidden).float()  # [B, 7, V]
-    first = vla.config.pad_token_id - vla.config.n_action_bins  # the action ids' first id
+    first = first_action_id(vla.config.pad_token_id, vla.config.n_action_bins)
     action_logits = logits[..., first:first + vla.config.n_action_bins]  # [B, 7, 256]
     if loss_vocab == "full":
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())

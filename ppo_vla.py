@@ -177,7 +177,8 @@ from common import (
     seed_everything,
     show_progress,
 )
-from envs import MAX_EPISODE_ID, make_vec_env
+from envs import make_vec_env
+from tasks import MAX_EPISODE_ID
 
 
 def compute_gae(
@@ -279,13 +280,15 @@ def main(args: Args) -> dict[str, float]:
     episode_rng = np.random.default_rng(args.seed)
     start_iteration, skipped = 0, 0
     if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rates too:
+        for group, lr in zip(optimizer.param_groups, (args.learning_rate, args.value_learning_rate), strict=True):
+            group["lr"] = lr  # the flags' (make_agent printed any change)
         restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
         start_iteration, skipped = state["iteration"], state["skipped_policy_steps"]
 
     envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
-                        max_episode_steps=args.max_episode_steps, env=args.env)
+                        max_episode_steps=args.max_episode_steps, env=args.env, render_device=str(device))
     loop = EpisodeLoop(envs, lambda: rank_slice(episode_rng.integers(0, MAX_EPISODE_ID, args.num_envs * world)))
     batch_size = args.num_envs * args.num_steps * world
     writer = make_writer(run_dir(args), args, start_iteration * batch_size)  # None on ranks > 0

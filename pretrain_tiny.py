@@ -51,7 +51,7 @@ class Args:
     """held-out demonstrations for the validation loss"""
     action_noise: float = 0.0
     """std of the noise the expert's executed moves get on 30% of the steps (DART,
-    demos.collect_expert_demos); 0.3 cost the SFT baseline 15 points on `ind` (README)"""
+    demos.collect_expert_demos); 0.3 cost the SFT baseline 15 points on `ind` (docs/HISTORY.md)"""
     keep_success_steps: bool = True
     """keep the expert's steps taken from an already successful state, idle or not (demos.py);
     the first shipped model dropped them and then re-grasped placed objects"""
@@ -88,7 +88,7 @@ class Args:
     """second cycle (a fresh AdamW): steps on the receptacle pairs (every carrying frame of a
     two-receptacle scene and its twin: the same image, the other receptacle named, the expert's
     move to it) and the two-object grounding frames only; 0 and 0 mix steps: no second cycle
-    (the first cycle alone reached 76.6% held out, this recipe 80.5%: README)"""
+    (the first cycle alone reached 76.6% held out, this recipe 80.5%: docs/PRETRAINING.md)"""
     receptacle_mix_steps: int = 4000
     """then steps with --grounding-share of every batch from those, the rest from all frames
     (without them the model forgets the rest of the task)"""

@@ -218,9 +218,10 @@ def token_loss(agent: ActorCritic, images: np.ndarray, instructions: list[str], 
 def training_precision(agent: ActorCritic) -> contextlib.AbstractContextManager:
     """The training forward's context. bf16 weights: autocast to bf16. peft keeps the adapters in
     fp32 and casts each adapted layer's input to fp32, and that copy is what the backward keeps
-    (~2x the bf16 activations); under autocast the adapters compute in bf16 and peft's cast is
-    switched off (autocast casts their weights instead: the same values), so each input is saved
-    once, in bf16. Weights, gradients and AdamW state stay fp32; the loss is fp32 (logits .float()).
+    (~2x the bf16 activations); under autocast peft's cast is switched off and the adapters compute
+    in bf16 (autocast rounds their fp32 weights, and the LoRA branch's output, to bf16: mixed
+    precision as usual, where peft computed the branch in fp32), so each input is saved once, in
+    bf16. Weights, gradients and AdamW state stay fp32; the loss is fp32 (logits .float()).
     fp32 weights: nothing changes."""
     if agent.dtype != torch.bfloat16:
         return contextlib.nullcontext()
@@ -261,9 +262,11 @@ def main(args: Args) -> dict[str, float]:
     if args.batch_size % world:  # the global batch is the recipe's: every rank takes an equal share
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
-    for what, path in (("--model-path", args.model_path), ("--init-checkpoint", args.init_checkpoint)):
+    for what, path, kind in (("--model-path", args.model_path, "model"),
+                             ("--init-checkpoint", args.init_checkpoint, "checkpoint")):
         if path is not None and not Path(path).is_dir():  # fail now, not after collecting demos
-            raise FileNotFoundError(f"{what} {path} does not exist")
+            problem = f"is a file, not a {kind} directory" if Path(path).exists() else "does not exist"
+            raise FileNotFoundError(f"{what} {path} {problem}")
     check_start_checkpoint(args, "sft")  # a checkpoint that contradicts the flags: also now
 
     # ---------------------------------------------------------------- demonstrations
@@ -304,14 +307,15 @@ def main(args: Args) -> dict[str, float]:
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
     start_step = 0
     if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
         restore_rng_state(state["rng"], rank, world)
         batch_rng.bit_generator.state = state["batch_rngs"][rank]
         start_step = state["step"]
     eval_envs = None
     if args.eval_every > 0:
         eval_envs = make_vec_env(args.split, min(args.num_envs, args.eval_episodes), agent.image_size,
-                                 args.seed + rank, horizon, env=args.env)
+                                 args.seed + rank, horizon, env=args.env, render_device=str(device))
     writer = make_writer(run_dir(args), args, start_step)  # None on ranks > 0
     rank_batch = args.batch_size // world
     micro_batch = -(-rank_batch // args.grad_accum_steps)  # ceil

@@ -23,7 +23,7 @@ column, y -> image row; geometry constants are at the top of the file):
     (0 table, 1 receptacle, 2 object, 3 gripper), as ManiSkill's segmentation camera does.
 
 Episodes: an id fixes the initial state. `ind` draws the receptacle, then the object, on a
-6 x 6 grid (GRID_X, GRID_Y) with clearance radii, one of 16 objects (4 shapes x 4 colours),
+7 x 7 grid (GRID_X, GRID_Y) with clearance radii, one of 16 objects (4 shapes x 4 colours),
 the plate, one of tables 0-15, the training template, the gripper at GRIPPER_HOME. Every other
 split starts from the ind episode of the same id and changes only what it claims (paired
 comparisons, as maniskill_env.decode_episode does):
@@ -59,7 +59,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
-from envs import (
+from tasks import (
     MAX_EPISODE_ID,
     NOISE_ALPHA,
     TEXTURE_ALPHA,
@@ -82,7 +82,7 @@ TWIN_HORIZON = 30  # ~2x the expert: it needs at most 16 steps on any split (10 
 STEP = 0.1  # gripper displacement per unit of action
 MOVE_DECIMALS = 2  # dx, dy are rounded to hundredths of a step (see TwinVecEnv._move)
 GRASP_RADIUS = 0.08  # closing grasps an object whose centre is this close to the gripper's
-OBJECT_SIZE = 0.1875  # 12 px at 64 px: smaller objects were hard for a tiny ViT to find (README)
+OBJECT_SIZE = 0.1875  # 12 px at 64 px: smaller objects were hard for a tiny ViT to find (docs/HISTORY.md)
 RECEPTACLE_SIZE = 0.25  # 16 px at 64 px; also the success footprint (disc diameter / square side)
 GRIPPER_SIZE = 0.25  # wider than an object, so a held object shows between the fingers
 TABLE_GREY, TABLE_CONTRAST = 140.0, 0.5  # table = grey + contrast * (texture - grey): muted
@@ -97,7 +97,7 @@ OUTSIDE_MARGIN = 0.09  # unseen_position: the target this far outside the grid
 ROBOT_POSE_MIN_DISTANCE = 0.3  # unseen_robot_pose: the start this far from GRIPPER_HOME
 REPOSITION_STEP = 5  # reposition: the target moves right before this step's action
 REPOSITION_MIN_DISTANCE = 0.3
-MAX_OBJECTS = MAX_RECEPTACLES = 2
+MAX_OBJECTS = 2  # object slots per episode (the multi_object_* splits fill both)
 LABEL_TABLE, LABEL_RECEPTACLE, LABEL_OBJECT, LABEL_GRIPPER = 0, 1, 2, 3
 
 # --------------------------------------------------------------------------------------------

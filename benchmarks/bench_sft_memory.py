@@ -98,7 +98,7 @@ def sft_inputs(agent: ActorCritic, batch: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch, agent.image_size, agent.image_size, 3), dtype=np.uint8)
     inputs = agent.prepare_inputs(images, [INSTRUCTION] * batch)
-    first = agent.vla_config.pad_token_id - NUM_ACTION_BINS  # the action ids' first id
+    first = agent.action_tokenizer.first_id
     tokens = torch.as_tensor(rng.integers(first, first + NUM_ACTION_BINS, (batch, 7)),
                              device=agent.device)
     return inputs, tokens

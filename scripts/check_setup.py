@@ -98,9 +98,9 @@ def check_collectives(device: torch.device) -> str:
     return f"ok: {world} rank(s), backend {backend}"
 
 
-def check_env(args: Args, image_size: int) -> tuple[dict, str]:
+def check_env(args: Args, image_size: int, render_device: str) -> tuple[dict, str]:
     """Reset and step --num-envs envs with random actions: (last observation, report)."""
-    envs = make_vec_env("ind", args.num_envs, image_size, seed=0, env=args.env)
+    envs = make_vec_env("ind", args.num_envs, image_size, seed=0, env=args.env, render_device=render_device)
     try:
         obs, _ = envs.reset(seed=0)
         rng = np.random.default_rng(0)
@@ -156,7 +156,7 @@ def main(args: Args) -> None:
         from model import model_image_size
 
         image_size = model_image_size(args.model_path)
-    obs, line = check_env(args, image_size)
+    obs, line = check_env(args, image_size, str(device))
     report("environment", line)
     for what, line in check_model(args, device, obs):
         report(what, line)

@@ -21,25 +21,27 @@ if [[ "${STUDY:-0}" == 1 ]]; then SEEDS="0 1 2 3 4"; EPISODES=64; else SEEDS="0 
 
 stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 start=$SECONDS
-common=(--output-dir "$RUNS" --demo-dir "$OUT/demos")
+# The CPU's two cores, also on a GPU host (the tiny model gains nothing there, and 2 ranks on one
+# GPU would be refused by NCCL).
+common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
 
 stage "1/5 SFT warm-up: LoRA, 200 steps on 64 ind demos, from the pretrained tiny VLA (python sft_warmup.py twin-warmup)"
 $TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --exp-name warmup
 
 stage "2/5 PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
-$TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --exp-name ppo --epochs 1 --temperature 1.0 \
+$TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name ppo --epochs 1 --temperature 1.0 \
   --init-checkpoint "$RUNS/warmup/checkpoint"
 
 stage "3/5 SFT baseline: LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
 $TORCHRUN sft_warmup.py twin-sft "${common[@]}" --exp-name sft
 
 stage "4/5 GRPO and DPO from the warm-up (python grpo_vla.py twin, python dpo_vla.py twin)"
-$TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --exp-name grpo --init-checkpoint "$RUNS/warmup/checkpoint"
-$TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --exp-name dpo --init-checkpoint "$RUNS/warmup/checkpoint"
+$TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name grpo --init-checkpoint "$RUNS/warmup/checkpoint"
+$TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name dpo --init-checkpoint "$RUNS/warmup/checkpoint"
 
 stage "5/5 every checkpoint on all 16 splits (ind + 15 OOD): seeds $SEEDS x $EPISODES episodes, same ids for each"
 # shellcheck disable=SC2086
-$TORCHRUN evaluate_ood.py --env twin --splits all --seeds $SEEDS --episodes "$EPISODES" --num-envs 32 \
+$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $SEEDS --episodes "$EPISODES" --num-envs 32 \
   --checkpoint base --model-path assets/tiny-openvla-twin --checkpoint warm-up="$RUNS/warmup" --checkpoint SFT="$RUNS/sft" --checkpoint PPO="$RUNS/ppo" \
   --checkpoint GRPO="$RUNS/grpo" --checkpoint DPO="$RUNS/dpo" --output-dir "$OUT/results"
 

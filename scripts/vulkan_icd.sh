@@ -11,7 +11,7 @@ LAVAPIPE_ICD=/usr/share/vulkan/icd.d/lvp_icd.json
 # where NVIDIA's Vulkan driver would not work either.
 nvidia_gpu_works() {
   local gpus
-  command -v nvidia-smi >/dev/null 2>&1 && gpus=$(nvidia-smi -L 2>/dev/null) && [[ $gpus == *"GPU "* ]]
+  command -v nvidia-smi >/dev/null 2>&1 && gpus=$(timeout 20 nvidia-smi -L 2>/dev/null) && [[ $gpus == *"GPU "* ]]
 }
 
 if ! nvidia_gpu_works; then

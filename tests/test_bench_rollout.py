@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, SIZE
 
-import envs as E
+from envs import make_vec_env
 from model import build_tiny_vla
 
 STEPS, IDS = 3, [5, 11]
@@ -36,7 +36,7 @@ def load_benchmark(name: str):
 @pytest.mark.slow
 def test_step_async_then_wait_matches_step_through_a_worker():
     actions = np.random.default_rng(0).uniform(-1, 1, (STEPS, len(IDS), 7)).astype(np.float32)
-    envs = E.make_vec_env("ind", num_envs=len(IDS), image_size=SIZE, num_workers=1)
+    envs = make_vec_env("ind", num_envs=len(IDS), image_size=SIZE, num_workers=1)
     options = {"episode_ids": IDS}
     try:
         envs.reset(options=options)
@@ -70,7 +70,7 @@ def test_step_async_then_wait_matches_step_through_a_worker():
 def test_bench_rollout_parts_run_on_the_twin():
     bench = load_benchmark("bench_rollout")
     agent = bench.build_agent(image_size=SIZE)
-    envs = E.make_vec_env("ind", 2, SIZE, env="twin", max_episode_steps=STEPS)
+    envs = make_vec_env("ind", 2, SIZE, env="twin", max_episode_steps=STEPS)
     actions = np.zeros((STEPS, 2, 7), np.float32)
     reset_seconds, step_seconds, observations = bench.env_only(envs, np.array(IDS), actions)
     assert reset_seconds >= 0 and step_seconds >= 0 and len(observations) == STEPS

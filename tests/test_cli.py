@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -78,6 +79,7 @@ def cases() -> list[tuple[str, list[str], str]]:
     out += [
         ("evaluate_ood.py", [*base, "--num-envs", "0"], "--num-envs must be at least 1, got 0"),
         ("evaluate_ood.py", [*base, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        ("evaluate_ood.py", [*base, "--output-dir", "README.md/results"], "README.md is a file, not a directory"),
         ("evaluate_ood.py", [*base, "--num-envs", "-1"], "--num-envs must be at least 1, got -1"),
         ("evaluate_ood.py", [*base, "--episodes", "0"], "--episodes must be at least 1"),
         ("evaluate_ood.py", [*base, "--temperature", "-1"], "--temperature must be >= 0, got -1"),
@@ -135,12 +137,28 @@ def test_help_answers_in_under_two_seconds(script: str) -> None:
 
 def test_recipes_set_defaults_and_flags_override_them() -> None:
     result = run_cli("ppo_vla.py", "--help", timeout=60)
-    assert "Recipes" in result.stdout and "twin:" in result.stdout
+    assert "Recipes" in result.stdout and "• twin" in result.stdout and "--num-envs" in result.stdout
+    result = run_cli("ppo_vla.py", "twin", "--help", timeout=60, without_torch=True)
+    assert result.returncode == 0 and "(default: ppo_twin)" in result.stdout
     result = run_cli("ppo_vla.py", "twin", "--num-envs", "0", timeout=60, without_torch=True)
     assert_one_line_error(result, "--num-envs must be at least 1")
     args = sft_warmup.parse_cli(sft_warmup.Args, sft_warmup.check_args, sft_warmup.RECIPES,
                                 argv=["twin-warmup", "--num-demos", "5"])
     assert (args.env, args.num_demos, args.exp_name) == ("twin", 5, "sft_warmup_twin")
+    # No recipe named: the dataclass defaults (the README's `python ppo_vla.py --epochs 1 ...`).
+    args = sft_warmup.parse_cli(sft_warmup.Args, sft_warmup.check_args, sft_warmup.RECIPES,
+                                argv=["--num-demos", "5"])
+    assert args == sft_warmup.Args(num_demos=5)
+
+
+def test_the_critic_flag_offers_the_agents_modes() -> None:
+    """ppo_vla's --critic spells its choices in Args (common.py, and torch, come after parsing):
+    they must stay common.CRITIC_MODES, the one list build_agent accepts."""
+    import ppo_vla
+    from common import CRITIC_MODES
+
+    literal, _none = get_args(get_type_hints(ppo_vla.Args)["critic"])
+    assert get_args(literal) == CRITIC_MODES
 
 
 def test_a_missing_gpu_is_one_line_from_the_command_line(tmp_path: Path) -> None:

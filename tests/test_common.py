@@ -252,16 +252,23 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_silent_cpu_run(tmp_path: 
     # The pinned wheel is a recent CUDA build: on an older driver torch sees no GPU, and "auto"
     # used to run the 7B on the CPU in fp32 without a word.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(common, "NVIDIA_DRIVER_GPUS", tmp_path / "no-proc")  # a GPU host's: not here
+    monkeypatch.setattr(common, "DEVICE_FILES", tmp_path)  # no /dev/nvidia0 here: nvidia-smi decides
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake_nvidia_smi(tmp_path, monkeypatch, works=True)
     assert common.nvidia_gpu_present()
     for name in ("auto", "cuda", "cuda:0"):
         with pytest.raises(ValueError, match="has an NVIDIA GPU but torch .* cannot use it.*--device cpu"):
             common.resolve_device(name)
     assert common.resolve_device("cpu") == CPU, "on purpose, the CPU still runs"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose: the CPU, silently
+    assert common.resolve_device("auto") == CPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     fake_nvidia_smi(tmp_path, monkeypatch, works=False)  # a broken driver: no usable GPU either way
     assert not common.nvidia_gpu_present()
     assert common.resolve_device("auto") == CPU
+    (tmp_path / "nvidia0").touch()  # the driver's device file: a GPU this process can open
+    (tmp_path / "nvidiactl").touch()
+    assert common.nvidia_gpu_present()
 
 
 def test_device_names_torch_does_not_know_are_one_line_errors() -> None:
@@ -304,6 +311,9 @@ def test_init_distributed_picks_the_rank_s_gpu_and_the_backend_of_its_device(mon
     assert joined.pop() == "cpu:gloo" and calls == []
     with pytest.raises(ValueError, match="only 2 GPU"):
         common.init_distributed("cuda:5")
+    # A launcher that shows each rank only its own GPU (SLURM): local rank 1 sees one, device 0.
+    fake_gpus(monkeypatch, count=1)
+    assert common.init_distributed("auto") == (1, 2, torch.device("cuda", 0))
 
 
 def test_a_run_resumes_on_a_host_with_another_number_of_gpus(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import SIZE
 
-import envs as E
 import maniskill_env as M
+import tasks as E
+from envs import default_horizon, make_vec_env
 
 IDS = range(60)
 
@@ -33,15 +34,15 @@ def test_splits_are_listed_in_order_with_their_dimension():
 
 def test_the_factory_refuses_what_does_not_exist():
     with pytest.raises(ValueError, match="valid splits: ind, unseen_table"):
-        E.make_vec_env("no_such_split", num_envs=1)
+        make_vec_env("no_such_split", num_envs=1)
     with pytest.raises(ValueError, match="unknown split 'pretrain' for --env maniskill"):
-        E.make_vec_env("pretrain", num_envs=1)  # the twin's own split
+        make_vec_env("pretrain", num_envs=1)  # the twin's own split
     with pytest.raises(ValueError, match="unknown env 'toy'"):
-        E.make_vec_env("ind", num_envs=1, env="toy")
+        make_vec_env("ind", num_envs=1, env="toy")
     with pytest.raises(ValueError, match="num_envs must be at least 1"):
-        E.make_vec_env("ind", num_envs=0, env="twin")
-    assert E.default_horizon("maniskill") == M.MAX_EPISODE_STEPS == 80
-    twin = E.make_vec_env("pretrain", 2, SIZE, env="twin", max_episode_steps=7)
+        make_vec_env("ind", num_envs=0, env="twin")
+    assert default_horizon("maniskill") == M.MAX_EPISODE_STEPS == 80
+    twin = make_vec_env("pretrain", 2, SIZE, env="twin", max_episode_steps=7)
     assert (twin.split, twin.num_envs, twin.max_episode_steps) == ("pretrain", 2, 7)
 
 
@@ -350,7 +351,7 @@ def test_reposition_and_multi_object_scenes_and_the_expert_on_them(ind_task):
 def test_vec_env_interface_with_worker_processes():
     """The gymnasium vector env of envs.py: shapes, dtypes, fixed horizon, the robot-pose split
     in 2 workers, and set_split in the same workers (evaluate_ood.py's split loop)."""
-    envs = E.make_vec_env("unseen_robot_pose", num_envs=2, image_size=SIZE, max_episode_steps=3,
+    envs = make_vec_env("unseen_robot_pose", num_envs=2, image_size=SIZE, max_episode_steps=3,
                           num_workers=2)
     try:
         assert (envs.num_envs, envs.image_size, envs.max_episode_steps, envs.split) == (

@@ -178,6 +178,44 @@ def test_worker_processes_per_rank_and_their_render_device(monkeypatch):
     assert len(workers) == 64
 
 
+def test_the_policy_s_gpu_renders_and_a_worker_makes_it_current(monkeypatch):
+    # `python ppo_vla.py --device cuda:1` (one process): envs on GPU 1, not the rank's GPU 0.
+    fake_gpus(monkeypatch, 2)
+    assert M.rank_render_backend("cuda:1") == "sapien_cuda:1"
+    assert M.rank_render_backend("cpu") == "sapien_cuda:0", "a CPU policy: still the rank's GPU"
+    ctx = FakeSpawnContext()
+    monkeypatch.setattr(M.mp, "get_context", lambda method: ctx)
+    M.VecEnv("ind", 2, SIZE, seed=0, max_episode_steps=None, num_workers=1, render_device="cuda:1").close()
+    assert ctx.worker_args[0][5] == "sapien_cuda:1"
+    # A worker makes its render GPU the current device before building scenes: ManiSkill
+    # synchronises the current device after rendering, which would otherwise be GPU 0.
+    current: list[int] = []
+    monkeypatch.setattr(M.torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(M, "PutOnScene", FakeScene)
+    pipe = FakeWorkerPipe()
+    M._worker(pipe, "ind", 1, SIZE, 3, "sapien_cuda:1")
+    assert current == [1] and pipe.sent[0] == ("ok", None)
+    current.clear()
+    M._worker(FakeWorkerPipe(), "ind", 1, SIZE, 3, "cpu")
+    assert current == []
+
+
+class FakeWorkerPipe:
+    """The worker's end of the pipe: answers 'close' at once, records what the worker sends."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def recv(self):
+        return ("close", None)
+
+    def close(self):
+        pass
+
+
 @pytest.mark.slow
 def test_a_real_scene_renders_on_the_cpu_here():
     """The CPU path is unchanged: a real ManiSkill scene on SAPIEN's CPU device (lavapipe)."""

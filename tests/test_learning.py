@@ -2,7 +2,7 @@
 a script's own main() takes the shipped pretrained tiny VLA (assets/tiny-openvla-twin, the
 stand-in for pretrained OpenVLA) from its success on `ind` to clearly better, in a few CPU
 minutes. `ind`'s plate, tables and instruction template are new to the pretrained model: the
-current one (two cycles, reads the receptacles' names, README) starts at 64.8% (temperature
+current one (two cycles, reads the receptacles' names, docs/PRETRAINING.md) starts at 64.8% (temperature
 0.6, 256 episodes; 60.9% on the 128 the tests use; the first-cycle model 66.8%, earlier ones
 69.5%, ~34%, the first ~14%).
 
@@ -10,11 +10,11 @@ Measured from the current model (2026-11-25, fresh clone): the SFT warm-up on 64
 85.9% in its 200 steps (the first-cycle model: 90.6% in 100, 91.4% in 200); PPO from that
 warm-up 95.3% after 4 iterations; PPO from the base (lr 1e-3) 78.9% after 8 iterations of 128
 envs (rollouts 68.0% -> 78.9%, explained variance 0.02 -> 0.74; the first-cycle model 89.1%).
-With the first pretrained model (README) the warm-up reached ~55% and PPO ~32%.
+With the first pretrained model (docs/HISTORY.md) the warm-up reached ~55% and PPO ~32%.
 GRPO and DPO learn more slowly:
 their tests measure the policy they train, sampled at the training temperature 1.0, over the
 rollouts of the run itself (128 episodes per GRPO iteration, 1024 per DPO round). At the
-evaluation temperature 0.6 their gain at these budgets is within noise (README, "What worked,
+evaluation temperature 0.6 their gain at these budgets is within noise (docs/HISTORY.md, "What worked,
 and what did not").
 """
 
@@ -85,7 +85,7 @@ def test_ppo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_pat
     # the paper's --epochs 1 --temperature 1.0; both cores, as `make demo` runs it.
     torchrun = str(Path(sys.executable).parent / "torchrun")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "ppo_vla.py", "twin",
-                             "--model-path", str(PRETRAINED), "--total-iterations", "8", "--eval-every", "8",
+                             "--device", "cpu", "--model-path", str(PRETRAINED), "--total-iterations", "8", "--eval-every", "8",
                              "--learning-rate", "1e-3",  # from the base; the recipe's 3e-4 is for a warm-up
                              "--output-dir", str(tmp_path), "--exp-name", "ppo"],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -104,7 +104,7 @@ def run_under_torchrun(script: str, *flags: str, model_path: bool = True) -> Non
     torchrun = str(Path(sys.executable).parent / "torchrun")
     base = ["--model-path", str(PRETRAINED)] if model_path else []
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, "twin",
-                             *base, *flags],
+                             "--device", "cpu", *base, *flags],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -16,8 +16,9 @@ import gymnasium
 import numpy as np
 import pytest
 
-import envs as E
+import tasks as E
 import twin_env as T
+from envs import default_horizon, make_vec_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -138,10 +139,10 @@ def test_decoding_is_deterministic_and_starts_from_ind():
 
 def test_interface_spaces_and_dtypes():
     n = 5
-    env = E.make_vec_env("ind", n, image_size=SIZE, seed=1, env="twin")
+    env = make_vec_env("ind", n, image_size=SIZE, seed=1, env="twin")
     assert isinstance(env, gymnasium.vector.VectorEnv) and isinstance(env, T.TwinVecEnv)
     assert (env.num_envs, env.split, env.image_size) == (n, "ind", SIZE)
-    assert env.max_episode_steps == T.TWIN_HORIZON == E.default_horizon("twin")
+    assert env.max_episode_steps == T.TWIN_HORIZON == default_horizon("twin")
     assert env.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.DISABLED
     assert env.single_action_space.shape == (7,) and env.single_action_space.dtype == np.float32
     assert env.action_space.shape == (n, 7)
