@@ -280,15 +280,24 @@ class ActorCritic(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Re-score given action tokens [B, 7] in one forward: summed log-prob [B], summed
         entropy of the 256-way distributions [B], value [B] (None without a critic).
-        Differentiable: this is the forward every update trains through."""
+        Differentiable. (PPO and GRPO write these lines out in their updates.)"""
+        logits, index, value = self.teacher_forced(images, instructions, tokens)
+        action_dist = self.action_distribution(logits, temperature)
+        logprob, entropy = action_dist.log_prob(index).sum(-1), action_dist.entropy().sum(-1)
+        return logprob.float(), entropy.float(), value
+
+    def teacher_forced(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str],
+                       tokens: np.ndarray | torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The forward every update trains through, for given action tokens [B, 7]: the logits
+        of the 7 action-token distributions [B, 7, 256], the tokens as indices into them
+        [B, 7] (0..255), and the critic's value [B] (None without one; --critic h0: the hidden
+        state that predicts the first action token)."""
         tokens = self.check_action_tokens(tokens)
         inputs = self.prepare_inputs(images, instructions)
         hidden = predicting_hidden_states(self.vla, inputs, tokens)  # [B, 7, D]
-        action_dist = self.action_distribution(self.action_logits(hidden), temperature)
         index = tokens - self.action_tokenizer.first_id  # [B, 7] in 0..255
-        value = self.value_from_hidden(inputs, hidden)
-        logprob, entropy = action_dist.log_prob(index).sum(-1), action_dist.entropy().sum(-1)
-        return logprob.float(), entropy.float(), value
+        return self.action_logits(hidden), index, self.value_from_hidden(inputs, hidden)
 
     # --- a frozen reference policy (GRPO's KL anchor) --------------------------------------------
 
@@ -718,22 +727,6 @@ def evaluate_policy(policy: Policy, envs: Any, episode_ids: np.ndarray, num_vide
                            time.perf_counter() - start_time, videos)
 
 
-def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor,
-                        advantages: torch.Tensor, clip_coef: float
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate (PPO and GRPO both use it) on the joint ratio of the 7 action
-    tokens: one ratio per env step, as the paper's joint action log-probability gives."""
-    log_ratio = new_logprob - old_logprob
-    ratio = log_ratio.exp()
-    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
-        stats = {
-            "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-            "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
-        }
-    return surrogate.mean(), stats
-
-
 def rank_share_of_step(minibatch_size: int, grad_accum_steps: int, world: int) -> int:
     """Samples of one optimizer step that each rank computes. --minibatch-size x
     --grad-accum-steps samples make ONE optimizer step over all ranks together (the paper's
@@ -744,21 +737,6 @@ def rank_share_of_step(minibatch_size: int, grad_accum_steps: int, world: int) -
                          f"{per_step} samples per optimizer step, over all ranks) must be a multiple of "
                          f"the number of ranks ({world})")
     return per_step // world
-
-
-def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
-    """The update schedule of PPO and GRPO on one rank: `epochs` shuffled passes over this
-    rank's `size` samples, `rank_share` samples (rank_share_of_step) per optimizer step, cut into
-    forward/backward passes of at most minibatch_size. Yields (indices, weight, step): weight is
-    the pass's share of its step (backward loss x weight: the step's gradient is the mean over
-    its samples), step says to take the optimizer step after this pass's backward."""
-    for _epoch in range(epochs):
-        order = torch.randperm(size)
-        for start in range(0, size, rank_share):
-            step_samples = order[start:start + rank_share]
-            parts = step_samples.split(minibatch_size)
-            for k, part in enumerate(parts):
-                yield part, len(part) / len(step_samples), k == len(parts) - 1
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -1199,23 +1177,6 @@ def show_progress(bar: Any, metrics: dict[str, float]) -> None:
     bar.set_postfix(ret=f"{metrics['rollout/episodic_return']:.2f}", success=f"{metrics['rollout/success']:.2f}",
                     kl=f"{metrics.get('losses/approx_kl', float('nan')):.3f}",
                     sps=f"{metrics['time/env_steps_per_s']:.0f}", refresh=False)
-
-
-def finish_iteration(args: Any, agent: ActorCritic, envs: Any, loop: EpisodeLoop, writer: Any,
-                     metrics: dict[str, float], iteration: int, global_step: int,
-                     state: dict[str, Any]) -> None:
-    """The tail of an RL iteration (1-based): evaluate every --eval-every iterations and at the
-    last, log every metric at global_step, checkpoint every --save-every and at the last."""
-    last = iteration == args.total_iterations
-    if args.eval_every > 0 and (iteration % args.eval_every == 0 or last):
-        metrics.update(evaluate_during_training(agent, envs, args, loop))
-        if world_info()[0] == 0:
-            print(f"iteration {iteration}: eval success {metrics['eval/success']:.3f}", file=sys.stderr)
-    if writer is not None:
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, global_step)
-    if iteration % args.save_every == 0 or last:
-        save_run(args, agent, {**state, "iteration": iteration})
 
 
 def save_run(args: Any, agent: ActorCritic, state: dict[str, Any]) -> None:

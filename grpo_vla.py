@@ -137,22 +137,21 @@ from tqdm import tqdm
 
 from common import (
     EpisodeLoop,
+    all_reduce_gradients,
     check_finite,
-    clipped_policy_loss,
-    finish_iteration,
+    evaluate_during_training,
     global_mean,
     init_distributed,
     iteration_metrics,
     make_agent,
     make_writer,
-    minibatches,
-    optimizer_step,
     rank_share_of_step,
     rank_slice,
     resolve_dtype,
     restore_rng_state,
     run_dir,
     run_script,
+    save_run,
     seed_everything,
     show_progress,
 )
@@ -189,6 +188,28 @@ def group_relative_advantages(
     return advantages.flatten(), stats
 
 
+def joint_logprob_and_entropy(logits: torch.Tensor, index: torch.Tensor,
+                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, 7, 256] of the 7 action tokens, the taken tokens' indices [B, 7] -> the
+    action's log-prob [B] (the sum of its 7 tokens': one joint ratio per env step) and entropy
+    [B], under softmax(logits / T) as sampled (float64: as act() computes the rollout's)."""
+    token_dist = torch.distributions.Categorical(logits=logits.double() / temperature, validate_args=False)
+    return token_dist.log_prob(index).sum(-1).float(), token_dist.entropy().sum(-1).float()
+
+
+def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                        clip_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate, which GRPO keeps: -min(r A, clip(r, 1 - eps, 1 + eps) A) on the
+    joint ratio r = pi_new(a|s) / pi_old(a|s) of the 7 action tokens; all [B]."""
+    log_ratio = new_logprob - old_logprob
+    ratio = log_ratio.exp()
+    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
+        stats = {"approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                 "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item()}
+    return surrogate.mean(), stats
+
+
 def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
     """Per-sample estimate of KL(policy || reference) from samples of the rollout policy.  [B]
 
@@ -200,6 +221,19 @@ def kl_to_reference(new_logprob: torch.Tensor, ref_logprob: torch.Tensor) -> tor
     return log_r.exp() - log_r - 1
 
 
+def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
+    """The update's schedule on one rank (as PPO's): `epochs` shuffled passes over its samples,
+    rank_share per optimizer step (minibatch_size x grad_accum_steps over ALL ranks), in passes
+    of <= minibatch_size. Yields (indices, the pass's share of its step, take the step now?)."""
+    for _epoch in range(epochs):
+        order = torch.randperm(size)
+        for start in range(0, size, rank_share):
+            step_samples = order[start:start + rank_share]
+            parts = step_samples.split(minibatch_size)
+            for k, part in enumerate(parts):
+                yield part, len(part) / len(step_samples), k == len(parts) - 1
+
+
 def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args, rank_share: int,
                 where: str) -> dict[str, list[float]]:
     """One GRPO update over this rank's flat batch: the clipped surrogate with trajectory
@@ -209,7 +243,8 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
                                                      "grad_norm", "kl_ref")}
     for mb, weight, step in minibatches(len(batch["logprobs"]), rank_share, args.minibatch_size, args.epochs):
         images, instructions, tokens = batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb]
-        new_logprob, entropy, _ = agent.score_actions(images, instructions, tokens, temperature=args.temperature)
+        logits, index, _ = agent.teacher_forced(images, instructions, tokens)  # [B, 7, 256], [B, 7]
+        new_logprob, entropy = joint_logprob_and_entropy(logits, index, args.temperature)
         device = new_logprob.device
         pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
                                                 batch["advantages"][mb].to(device), args.clip_coef)
@@ -222,8 +257,14 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
         check_finite(where, policy_loss=loss)
         # Weighted by the minibatch's share: the accumulated gradient is the step's mean.
         (loss * weight).backward()
-        if step:
-            stats["grad_norm"].append(optimizer_step(optimizer, agent.lora_parameters(), args.max_grad_norm, where))
+        if step:  # the gradient of this step's samples over all ranks: average, clip, step
+            params = agent.lora_parameters()
+            all_reduce_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            check_finite(where, grad_norm=grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"].append(grad_norm.item())
         for k, v in (("policy_loss", pg_loss.item()), ("entropy", entropy.mean().item()), *pg_stats.items()):
             stats[k].append(v)
     return stats
@@ -288,10 +329,19 @@ def main(args: Args) -> dict[str, float]:
             **{f"grpo/{k}": global_mean([v]) for k, v in group_stats.items()},
             **{f"losses/{k}": global_mean(np.array(v)) for k, v in stats.items() if v},
         }
+        last = iteration + 1 == args.total_iterations
+        if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
+            metrics.update(evaluate_during_training(agent, envs, args, loop))
+            if rank == 0:
+                bar.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
         show_progress(bar, metrics)
-        finish_iteration(args, agent, envs, loop, writer, metrics, iteration + 1, global_step, {
-            "optimizer": optimizer.state_dict(), "episode_rng": episode_rng.bit_generator.state,
-            "reference_lora": agent.reference_lora, "algorithm": "grpo"})
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, global_step)
+        if (iteration + 1) % args.save_every == 0 or last:
+            save_run(args, agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
+                                   "episode_rng": episode_rng.bit_generator.state,
+                                   "reference_lora": agent.reference_lora, "algorithm": "grpo"})
 
     envs.close()
     if writer is not None:

@@ -157,23 +157,22 @@ from common import (
     ActorCritic,
     EpisodeLoop,
     Rollout,
+    all_reduce_gradients,
     check_finite,
-    clipped_policy_loss,
-    finish_iteration,
+    evaluate_during_training,
     global_mean,
     global_mean_std,
     init_distributed,
     iteration_metrics,
     make_agent,
     make_writer,
-    minibatches,
-    optimizer_step,
     rank_share_of_step,
     rank_slice,
     resolve_dtype,
     restore_rng_state,
     run_dir,
     run_script,
+    save_run,
     seed_everything,
     show_progress,
 )
@@ -211,6 +210,30 @@ def bootstrap_value(agent: ActorCritic, rollout: Rollout, temperature: float) ->
     return agent.act(rollout.last_obs["image"], rollout.last_obs["instruction"], temperature).value
 
 
+def joint_logprob_and_entropy(logits: torch.Tensor, index: torch.Tensor,
+                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, 7, 256] of the 7 action tokens, the taken tokens' indices [B, 7] -> the
+    action's log-prob [B] and entropy [B]. One action is 7 tokens: its log-prob is the sum of
+    theirs (one joint ratio per env step, as the paper), under softmax(logits / T), the
+    distribution the rollout sampled from. In float64: fp32 rounding alone would be ~4e-6 of
+    the ratio's 1e-5 agreement with the rollout's log-prob before any update."""
+    token_dist = torch.distributions.Categorical(logits=logits.double() / temperature, validate_args=False)
+    return token_dist.log_prob(index).sum(-1).float(), token_dist.entropy().sum(-1).float()
+
+
+def clipped_policy_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                        clip_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate, -min(r A, clip(r, 1 - eps, 1 + eps) A), on the joint ratio
+    r = pi_new(a|s) / pi_old(a|s) of the 7 action tokens; all [B]."""
+    log_ratio = new_logprob - old_logprob
+    ratio = log_ratio.exp()
+    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    with torch.no_grad():  # diagnostics: http://joschu.net/blog/kl-approx.html
+        stats = {"approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                 "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item()}
+    return surrogate.mean(), stats
+
+
 def clipped_value_loss(
     new_value: torch.Tensor, old_value: torch.Tensor, returns: torch.Tensor, clip: float, huber_delta: float
 ) -> torch.Tensor:
@@ -227,6 +250,21 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
 
 
+def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
+    """The update's schedule on one rank: `epochs` shuffled passes over its `size` samples,
+    rank_share of them per optimizer step (rank_share_of_step: minibatch_size x
+    grad_accum_steps over ALL ranks), cut into forward/backward passes of <= minibatch_size.
+    Yields (indices, weight, step): weight = the pass's share of its optimizer step, step =
+    take the optimizer step after this pass's backward."""
+    for _epoch in range(epochs):
+        order = torch.randperm(size)
+        for start in range(0, size, rank_share):
+            step_samples = order[start:start + rank_share]
+            parts = step_samples.split(minibatch_size)
+            for k, part in enumerate(parts):
+                yield part, len(part) / len(step_samples), k == len(parts) - 1
+
+
 def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
                rank_share: int, train_policy: bool, where: str) -> dict[str, list[float]]:
     """One PPO update over this rank's flat batch (b = t * N + n): `epochs` passes of shuffled
@@ -236,9 +274,9 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
                                                      "clipfrac", "grad_norm")}
     for mb, weight, step in minibatches(len(batch["logprobs"]), rank_share, args.minibatch_size, args.epochs):
-        new_logprob, entropy, new_value = agent.score_actions(
-            batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb],
-            temperature=args.temperature)
+        logits, index, new_value = agent.teacher_forced(  # [B, 7, 256], [B, 7], V(s) [B]
+            batch["images"][mb], [batch["instructions"][i] for i in mb], batch["tokens"][mb])
+        new_logprob, entropy = joint_logprob_and_entropy(logits, index, args.temperature)
         device = new_logprob.device
         pg_loss, pg_stats = clipped_policy_loss(new_logprob, batch["logprobs"][mb].to(device),
                                                 batch["advantages"][mb].to(device), args.clip_coef)
@@ -255,9 +293,14 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
         check_finite(where, policy_loss=pg_loss, value_loss=v_loss)
         # Weighted by the minibatch's share: the accumulated gradient is the step's mean.
         (loss * weight).backward()
-        if step:
-            stats["grad_norm"].append(optimizer_step(optimizer, agent.trainable_parameters(),
-                                                     args.max_grad_norm, where))
+        if step:  # the gradient of this step's samples over all ranks: average, clip, step
+            params = agent.trainable_parameters()
+            all_reduce_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            check_finite(where, grad_norm=grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"].append(grad_norm.item())
         for k, v in (("policy_loss", pg_loss.item()), ("value_loss", v_loss.item()),
                      ("entropy", entropy.mean().item()), *pg_stats.items()):
             stats[k].append(v)
@@ -336,10 +379,19 @@ def main(args: Args) -> dict[str, float]:
             "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
             "losses/skipped_policy_steps": float(skipped),
         }
+        last = iteration + 1 == args.total_iterations
+        if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
+            metrics.update(evaluate_during_training(agent, envs, args, loop))
+            if rank == 0:
+                bar.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
         show_progress(bar, metrics)
-        finish_iteration(args, agent, envs, loop, writer, metrics, iteration + 1, global_step, {
-            "optimizer": optimizer.state_dict(), "episode_rng": episode_rng.bit_generator.state,
-            "skipped_policy_steps": skipped, "algorithm": "ppo"})
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, global_step)
+        if (iteration + 1) % args.save_every == 0 or last:
+            save_run(args, agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
+                                   "episode_rng": episode_rng.bit_generator.state,
+                                   "skipped_policy_steps": skipped, "algorithm": "ppo"})
 
     envs.close()
     if writer is not None:

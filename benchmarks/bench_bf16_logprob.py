@@ -6,7 +6,7 @@
 PPO's ratio is exp(update log-prob - rollout log-prob). The rollout's come from act(): a
 KV-cache decode at the rollout's batch (64 envs) with its padding; the update's from
 score_actions(): one teacher-forced forward per minibatch of 8 (shuffled, as
-common.minibatches does), so other padding and other kernels. Before any update the ratio
+ppo_vla.minibatches does), so other padding and other kernels. Before any update the ratio
 should be 1: every sample whose |ratio - 1| > clip (0.2, PPO's) is clipped for rounding alone.
 
 For each agent (the random tiny base at 64 px: near-uniform, the worst case for rounding;

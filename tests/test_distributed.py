@@ -31,7 +31,6 @@ from common import (
     global_mean,
     global_mean_std,
     init_distributed,
-    minibatches,
     process_group_backend,
     rank_share_of_step,
     wait_for_rank_zero,
@@ -126,7 +125,7 @@ def test_the_paper_step_is_160_samples_on_any_number_of_ranks() -> None:
         share = rank_share_of_step(8, 20, world)
         assert share * world == 160
         torch.manual_seed(0)
-        passes = list(minibatches(size, share, 8, epochs=1))
+        passes = list(ppo_vla.minibatches(size, share, 8, epochs=1))
         assert all(len(idx) <= 8 for idx, _, _ in passes), "a pass never exceeds --minibatch-size"
         steps, weight_sum, samples = 0, 0.0, []
         for idx, weight, step in passes:

@@ -241,11 +241,13 @@ NO_GPU = 'echo "No devices were found"'
 
 
 def node_path(tmp_path: Path, nvidia_smi: str | None) -> str:
-    """A PATH with bash and, if given, a fake `nvidia-smi` running that shell code: nothing else,
-    so a real nvidia-smi on the test machine cannot answer."""
+    """A PATH with bash, timeout (the script bounds nvidia-smi with it) and, if given, a fake
+    `nvidia-smi` running that shell code: nothing else, so a real nvidia-smi on the test machine
+    cannot answer."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "bash").symlink_to(shutil.which("bash"))
+    for tool in ("bash", "timeout"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
     if nvidia_smi is not None:
         (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
         (bin_dir / "nvidia-smi").chmod(0o755)

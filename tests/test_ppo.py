@@ -18,6 +18,7 @@ from conftest import (
     REPO,
     SIZE,
     assert_one_line_error,
+    observations,
     run_cli,
     scalar_events,
     scalars,
@@ -27,6 +28,7 @@ from conftest import (
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import grpo_vla
 import ppo_vla
 from common import EpisodeLoop, NonFiniteError, build_agent, load_checkpoint
 from envs import make_vec_env
@@ -62,6 +64,22 @@ def test_gae_matches_hand_computed_case_with_episode_ends() -> None:
     # bootstrap); t=0: (1 + 0.5*0.2 - 0.5) + 0.25*(-0.2) = 0.55. env 1: 1, 0.25, 0.0625.
     torch.testing.assert_close(adv, torch.tensor([[0.55, 0.0625], [-0.2, 0.25], [2.1, 1.0]]))
     torch.testing.assert_close(ret, adv + values)
+
+
+def test_the_update_s_joint_logprob_is_the_rollout_s(agent) -> None:
+    # ppo_vla.py writes the joint log-prob out (7 token log-probs summed, at the temperature):
+    # before any update it must equal what act() sampled with, or every ratio starts off 1.
+    images = observations(8, seed=3)
+    instructions = ["put red ball on plate", "put the blue cube on the plate"] * 4  # two lengths: padding
+    for temperature in (1.0, 0.6):
+        torch.manual_seed(0)
+        out = agent.act(images, instructions, temperature)
+        logits, index, _ = agent.teacher_forced(images, instructions, out.tokens)
+        logprob, entropy = ppo_vla.joint_logprob_and_entropy(logits, index, temperature)
+        torch.testing.assert_close(logprob, out.logprob.float(), rtol=0, atol=1e-5)
+        assert logprob.shape == entropy.shape == (8,) and (entropy > 0).all()
+        grpo_logprob, _ = grpo_vla.joint_logprob_and_entropy(logits, index, temperature)
+        assert torch.equal(grpo_logprob, logprob), "GRPO's copy of the lines computes the same"
 
 
 def test_clipped_policy_loss_on_known_numbers() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SIZE, assert_one_line_error, run_cli
 
 import evaluate_ood
@@ -36,16 +37,16 @@ def sft_args(tmp_path: Path, **overrides) -> sft_warmup.Args:
     return sft_warmup.Args(**{**args, **overrides})
 
 
-def record_learning_rates(monkeypatch: pytest.MonkeyPatch, module) -> list[list[float]]:
-    """The learning rates of every optimizer step `module` takes from now on."""
+def record_learning_rates(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
+    """The learning rates of every AdamW step taken from now on (every script's optimizer)."""
     rates: list[list[float]] = []
-    real_step = module.optimizer_step
+    real_step = torch.optim.AdamW.step
 
     def recording_step(optimizer, *args, **kwargs):
         rates.append([group["lr"] for group in optimizer.param_groups])
         return real_step(optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(module, "optimizer_step", recording_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     return rates
 
 
@@ -56,7 +57,7 @@ def test_resumed_ppo_trains_at_the_new_learning_rates_and_says_so(tmp_path: Path
                                                                    capsys) -> None:
     ppo_vla.main(ppo_args(tmp_path))
     capsys.readouterr()
-    rates = record_learning_rates(monkeypatch, ppo_vla)
+    rates = record_learning_rates(monkeypatch)
     # --image-size not given: the run's own, and recorded as such.
     ppo_vla.main(ppo_args(tmp_path, resume=True, total_iterations=2, image_size=None,
                           learning_rate=2e-4, value_learning_rate=1e-3))
@@ -76,7 +77,7 @@ def test_resumed_sft_applies_its_learning_rate_and_memory_knob(tmp_path: Path, m
                                                                capsys) -> None:
     sft_warmup.main(sft_args(tmp_path))
     capsys.readouterr()
-    rates = record_learning_rates(monkeypatch, sft_warmup)
+    rates = record_learning_rates(monkeypatch)
     # SFT's --grad-accum-steps only splits the same batch: a memory knob, changed freely.
     sft_warmup.main(sft_args(tmp_path, resume=True, total_steps=4, learning_rate=5e-4, grad_accum_steps=1))
     assert rates == [[5e-4], [5e-4]]
