@@ -115,13 +115,17 @@ def check_model_args(args: Any) -> None:
     check_unnorm_key(args.model_path, args.unnorm_key, required=fresh)
     if not args.exp_name or "/" in args.exp_name:
         raise ValueError(f"--exp-name must be a plain name, got {args.exp_name!r}")
-    # A file where the run directory (or a folder above it) belongs would surface only at the
-    # first write, as a NotADirectoryError traceback.
-    run_dir = Path(args.output_dir) / args.exp_name
-    in_the_way = next((path for path in (run_dir, *run_dir.parents) if path.is_file()), None)
+    check_output_dir(args.output_dir, args.exp_name)
+
+
+def check_output_dir(output_dir: str, subdir: str = "") -> None:
+    """A file where OUTPUT_DIR/SUBDIR (or a folder above it) belongs would surface only at the
+    first write, as a NotADirectoryError traceback: one line now, naming --output-dir."""
+    target = Path(output_dir) / subdir
+    in_the_way = next((path for path in (target, *target.parents) if path.is_file()), None)
     if in_the_way is not None:
-        which = "" if in_the_way == Path(args.output_dir) else f": {in_the_way}"
-        raise ValueError(f"--output-dir {args.output_dir}{which} is a file, not a directory")
+        which = "" if in_the_way == Path(output_dir) else f": {in_the_way}"
+        raise ValueError(f"--output-dir {output_dir}{which} is a file, not a directory")
 
 
 def check_unnorm_key(model_path: str | None, unnorm_key: str | None, required: bool = True) -> None:

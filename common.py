@@ -430,7 +430,7 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
                             unnorm_key=args.unnorm_key, dtype=dtype)
         return agent, {}
 
-    path, config = start
+    path, config, resume_changes = start
     critic = None
     if needs_critic:
         critic = config["critic"] if args.resume else (asked_critic or config["critic"] or "h0")
@@ -438,7 +438,7 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
                                    unnorm_key=args.unnorm_key, critic=critic, dtype=dtype,
                                    seed=args.seed)
     if args.resume:  # the script's resume block applies the new learning rates to its optimizer
-        for change in resume_flag_changes(args, state.get("args", {}), algorithm, path):
+        for change in resume_changes:
             if world_info()[0] == 0:
                 print(f"--resume: {change}", file=sys.stderr)
         return agent, state
@@ -450,10 +450,11 @@ def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bo
 
 
 def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
-                           ) -> tuple[Path, dict[str, Any]] | None:
+                           ) -> tuple[Path, dict[str, Any], list[str]] | None:
     """The checkpoint make_agent() would start from (--resume: the run's own; --init-checkpoint),
-    checked against the flags and the algorithm -> (path, its config); None for a fresh agent.
-    Reads JSON only, so a script can call it before slow set-up (SFT's demonstrations)."""
+    checked against the flags and the algorithm -> (path, its config, the flag changes a resume
+    applies: resume_flag_changes); None for a fresh agent. Reads JSON and the trainer state's
+    flags only, so a script can call it before slow set-up (SFT's demonstrations)."""
     if not args.resume and args.init_checkpoint is None:
         return None
     asked_critic = getattr(args, "critic", None) if needs_critic else None
@@ -473,9 +474,8 @@ def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
     if differ:
         what = "the run to resume" if args.resume else "--init-checkpoint"
         raise CheckpointError(f"{', '.join(differ)} differ from {what} {path}; drop the flag(s)")
-    if args.resume:  # every other flag against the run's own, before any slow set-up
-        resume_flag_changes(args, read_run_args(path), algorithm, path)
-    return path, config
+    changes = resume_flag_changes(args, read_run_args(path), algorithm, path) if args.resume else []
+    return path, config, changes
 
 
 # How each flag of a resumed run relates to the flags the run was saved with (trainer state's
@@ -927,7 +927,7 @@ def nvidia_gpu_present() -> bool:
     never when CUDA_VISIBLE_DEVICES hides every GPU on purpose ("" or -1)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return False
-    if any(path.name[len("nvidia"):].isdigit() for path in DEVICE_FILES.glob("nvidia[0-9]*")):
+    if any(DEVICE_FILES.glob("nvidia[0-9]*")):
         return True
     if shutil.which("nvidia-smi") is None:
         return False

@@ -24,7 +24,14 @@ from typing import Annotated, Literal
 
 import tyro
 
-from cli import check_device, check_unnorm_key, parse_cli, require_non_negative, require_positive
+from cli import (
+    check_device,
+    check_output_dir,
+    check_unnorm_key,
+    parse_cli,
+    require_non_negative,
+    require_positive,
+)
 from tasks import SPLITS, RenderingUnavailable, valid_splits  # numpy only: checked before torch
 
 
@@ -70,9 +77,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     check_device(args.device)
-    in_the_way = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.is_file()), None)
-    if in_the_way is not None:
-        raise ValueError(f"--output-dir {args.output_dir}: {in_the_way} is a file, not a directory")
+    check_output_dir(args.output_dir)
     require_positive(args, "episodes", "num_envs", "max_episode_steps", "image_size")
     require_non_negative(args, "temperature", "video", "num_workers")
     if not args.seeds:
@@ -113,8 +118,6 @@ def resolve_splits(requested: tuple[str, ...], env: str) -> list[str]:
 
 def parse_checkpoint(spec: str) -> tuple[str, str]:
     """'NAME=PATH' -> (NAME, PATH); 'runs/ppo_vla/checkpoint' and 'runs/ppo_vla' -> ('ppo_vla', spec)."""
-    from pathlib import Path
-
     if "=" in spec:
         label, path = spec.split("=", 1)
         return label, path
