@@ -7,14 +7,17 @@ mistyped or out-of-range flag answer in well under two seconds.
 A recipe is a named set of defaults, a tyro subcommand: `python ppo_vla.py twin --seed 1` starts
 from RECIPES["twin"] (the README's numbers on the 2D twin) and applies the flags on top;
 `python ppo_vla.py --epochs 1` uses the dataclass defaults (the paper's), the `paper` subcommand
-that tyro picks when no recipe is named.
+that tyro picks when no recipe is named (PPO on a machine without a GPU: its `laptop` recipe).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,19 +29,19 @@ from tasks import check_split  # numpy only: still no torch
 
 T = TypeVar("T")
 TINY_PATCH_SIZE = 16  # = model.TINY_PATCH_SIZE (tests check), kept here so cli.py never imports torch
-# The shipped pretrained tiny VLA (`make pretrain` regenerates it), in the official OpenVLA layout.
-PRETRAINED_TWIN = str(Path(__file__).resolve().parent / "assets" / "tiny-openvla-twin")
 PAPER = "paper"  # parse_cli's subcommand for the dataclass defaults, beside a script's recipes
 
 
 def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,
               recipes: Mapping[str, tuple[str, T]] | None = None,
-              argv: list[str] | None = None) -> T:
+              argv: list[str] | None = None, no_gpu_recipe: str | None = None) -> T:
     """Flags -> a checked Args. `recipes` are tyro.extras.overridable_config_cli's named
     (description, default Args) pairs: a first word naming one picks its defaults, the flags apply
     on top. That helper requires a first word; here none is needed (the README's
     `python ppo_vla.py --epochs 1`), so the dataclass defaults are one more subcommand, PAPER, and
     tyro's default subcommand (CascadeSubcommandArgs lets its flags come without its name).
+    no_gpu_recipe: the recipe taken instead of PAPER when none is named on a machine without an
+    NVIDIA GPU (PPO's `laptop`: the first command learns in minutes there), said on stderr.
     A ValueError from `check` becomes one line on stderr and exit status 2, as argparse's own."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if recipes:
@@ -47,8 +50,11 @@ def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,
         descriptions = {PAPER: "the dataclass defaults (the paper's); also when no recipe is named",
                         **{name: text for name, (text, _) in recipes.items()}}
         doc = (args_type.__module__ and sys.modules[args_type.__module__].__doc__) or ""
+        default = PAPER
+        if no_gpu_recipe is not None and not (argv and argv[0] in defaults) and not nvidia_gpu_present():
+            default = no_gpu_recipe
         args = tyro.cli(tyro.extras.subcommand_type_from_defaults(defaults, descriptions), args=argv,
-                        default=defaults[PAPER], config=(tyro.conf.CascadeSubcommandArgs,),
+                        default=defaults[default], config=(tyro.conf.CascadeSubcommandArgs,),
                         description=f"{doc.strip()}\n\nRecipes (subcommands below): a first word that "
                                     "sets other defaults, the flags applying on top.")
     else:
@@ -59,6 +65,9 @@ def parse_cli(args_type: type[T], check: Callable[[T], None] | None = None,
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
+    if recipes and default != PAPER:
+        print(f"note: no GPU here, so the '{default}' recipe: {descriptions[default]}; name the "
+              f"'{PAPER}' recipe first for the paper's defaults", file=sys.stderr)
     return args
 
 
@@ -154,3 +163,23 @@ def check_unnorm_key(model_path: str | None, unnorm_key: str | None, required: b
     if unnorm_key is not None and unnorm_key not in stats:
         raise ValueError(f"--unnorm-key {unnorm_key!r} is not in {model_path}'s statistics "
                          f"{sorted(stats)}")
+
+
+DEVICE_FILES = Path("/dev")  # the driver's /dev/nvidia0, /dev/nvidia1, ...: GPUs this process can open
+
+
+def nvidia_gpu_present() -> bool:
+    """Can this process reach an NVIDIA GPU, whatever torch sees? Its device files (a container
+    started without GPUs has none, though /proc may list the host's), else nvidia-smi's list;
+    never when CUDA_VISIBLE_DEVICES hides every GPU on purpose ("" or -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if any(DEVICE_FILES.glob("nvidia[0-9]*")):
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listing.returncode == 0 and "GPU" in listing.stdout

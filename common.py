@@ -5,7 +5,9 @@ in model.py, the tasks in envs.py. Read top to bottom:
 
   1. actor-critic   the VLA with LoRA is the policy, a value head reads h0: act() samples,
                     score_actions() re-scores given actions (one teacher-forced forward)
-  2. agent set-up   make_agent(): fresh, from --init-checkpoint or --resume; flags checked
+  2. agent set-up   build_agent() (fresh), load_checkpoint(); the flags a checkpoint fixes,
+                    checked: check_init_checkpoint(), resume_flags() (each script's
+                    init_agent() says how a run starts)
   3. episode loop   EpisodeLoop: any policy (agent, expert, random) in a vector env, carrying
                     the last observation across calls; evaluate_policy() on fixed episode ids
   4. checkpoints    atomic save, strict load, stale temp dirs cleaned
@@ -23,7 +25,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, StaticCache
 
+from cli import nvidia_gpu_present
 from model import (
     ACTION_DIM,
     NUM_ACTION_BINS,
@@ -64,6 +67,8 @@ from model import (
     weights_fingerprint,
 )
 from tasks import MAX_EPISODE_ID, RenderingUnavailable
+
+T = TypeVar("T")  # a script's Args, passed through run_script untouched
 
 CRITIC_MODES = ("h0", "last", "concat", "separate")
 DEFAULT_LORA_RANK, DEFAULT_LORA_ALPHA = 32, 16  # arXiv 2505.19789: LoRA rank 32, alpha 16
@@ -353,14 +358,15 @@ class ActorCritic(nn.Module):
 
 
 def build_agent(model_path: str | None = None, critic: str | None = "h0",
-                lora_rank: int = DEFAULT_LORA_RANK, lora_alpha: int = DEFAULT_LORA_ALPHA,
+                lora_rank: int | None = None, lora_alpha: int | None = None,
                 image_size: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
                 norm_stats: NormStats | None = None, unnorm_key: str | None = None,
                 dtype: torch.dtype | None = None) -> ActorCritic:
     """A fresh actor-critic on a base VLA: the model directory at model_path (the official
     OpenVLA layout: OpenVLA-7B, or the shipped pretrained tiny VLA), or with model_path None a
-    random tiny base built in code. `seed` draws the LoRA A matrices and the value head;
-    norm_stats overrides the model's; dtype defaults to bf16 on CUDA, fp32 on CPU."""
+    random tiny base built in code. LoRA rank and alpha default to the paper's 32 and 16. `seed`
+    draws the LoRA A matrices and the value head; norm_stats overrides the model's; dtype
+    defaults to bf16 on CUDA, fp32 on CPU."""
     device = torch.device(device)
     dtype = dtype or model_dtype(device)
     if model_path is None:
@@ -379,8 +385,8 @@ def build_agent(model_path: str | None = None, critic: str | None = "h0",
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return ActorCritic(vla, tokenizer, norm_stats or base_stats, model_path=model_path,
-                           base_fingerprint=fingerprint, critic=critic, lora_rank=lora_rank,
-                           lora_alpha=lora_alpha)
+                           base_fingerprint=fingerprint, critic=critic,
+                           lora_rank=lora_rank or DEFAULT_LORA_RANK, lora_alpha=lora_alpha or DEFAULT_LORA_ALPHA)
 
 
 def read_checkpoint_config(path: Path, what: str = "checkpoint") -> dict[str, Any]:
@@ -402,80 +408,26 @@ def read_checkpoint_config(path: Path, what: str = "checkpoint") -> dict[str, An
     return config
 
 
-def make_agent(args: Any, device: torch.device, algorithm: str, needs_critic: bool = False,
-               dtype: torch.dtype | None = None) -> tuple[ActorCritic, dict[str, Any]]:
-    """The agent for a training script's flags -> (agent, trainer state; {} unless resuming).
-
-    Three ways in, one rule for each flag that fixes the architecture:
-      fresh              --model-path (or the random tiny base), --lora-rank / --lora-alpha
-                         (default 32 / 16), --image-size, --critic (default h0, PPO only).
-      --init-checkpoint  the checkpoint's base and adapter. A --lora-rank, --lora-alpha or
-                         --image-size that contradicts it is an error (a trained adapter keeps
-                         its shape). PPO keeps the checkpoint's value head if it has one of the
-                         mode asked for, else starts a new one and says so; SFT, GRPO and DPO
-                         build no critic at all.
-      --resume           the run's own checkpoint, exactly: any architecture flag that differs
-                         from the run's, or another algorithm's checkpoint, is an error.
-    `args` has model_path, unnorm_key, lora_rank, lora_alpha, image_size, init_checkpoint,
-    resume, seed, output_dir, exp_name and (PPO) critic; None means "not given". --model-path
-    may differ from a checkpoint's: the weights moved (their fingerprint is checked).
-    """
-    asked_critic = getattr(args, "critic", None) if needs_critic else None
-    start = check_start_checkpoint(args, algorithm, needs_critic)
-    if start is None:
-        agent = build_agent(args.model_path, critic=(asked_critic or "h0") if needs_critic else None,
-                            lora_rank=args.lora_rank or DEFAULT_LORA_RANK,
-                            lora_alpha=args.lora_alpha or DEFAULT_LORA_ALPHA,
-                            image_size=args.image_size, device=device, seed=args.seed,
-                            unnorm_key=args.unnorm_key, dtype=dtype)
-        return agent, {}
-
-    path, config, resume_changes = start
-    critic = None
-    if needs_critic:
-        critic = config["critic"] if args.resume else (asked_critic or config["critic"] or "h0")
-    agent, state = load_checkpoint(path, device, model_path=args.model_path,
-                                   unnorm_key=args.unnorm_key, critic=critic, dtype=dtype,
-                                   seed=args.seed)
-    if args.resume:  # the script's resume block applies the new learning rates to its optimizer
-        for change in resume_changes:
-            if world_info()[0] == 0:
-                print(f"--resume: {change}", file=sys.stderr)
-        return agent, state
-    if critic is not None and config["critic"] != critic:
-        had = "no" if config["critic"] is None else f"a {config['critic']!r}"
-        print(f"note: {path} has {had} value head; a new {critic!r} value head starts from "
-              f"scratch", file=sys.stderr)
-    return agent, {}
+def check_init_checkpoint(path: str | Path, lora_rank: int | None, lora_alpha: int | None,
+                          image_size: int | None) -> dict[str, Any]:
+    """--init-checkpoint's config, checked against the architecture flags given (None = not
+    given): a trained adapter keeps its shape, so a contradicting flag is a one-line error.
+    Reads JSON only, so a script can call it before slow set-up (SFT's demonstrations)."""
+    config = read_checkpoint_config(Path(path), "--init-checkpoint")
+    check_architecture(config, Path(path), "--init-checkpoint",
+                       {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "image_size": image_size})
+    return config
 
 
-def check_start_checkpoint(args: Any, algorithm: str, needs_critic: bool = False
-                           ) -> tuple[Path, dict[str, Any], list[str]] | None:
-    """The checkpoint make_agent() would start from (--resume: the run's own; --init-checkpoint),
-    checked against the flags and the algorithm -> (path, its config, the flag changes a resume
-    applies: resume_flag_changes); None for a fresh agent. Reads JSON and the trainer state's
-    flags only, so a script can call it before slow set-up (SFT's demonstrations)."""
-    if not args.resume and args.init_checkpoint is None:
-        return None
-    asked_critic = getattr(args, "critic", None) if needs_critic else None
-    path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
-    config = read_checkpoint_config(path, "checkpoint" if args.resume else "--init-checkpoint")
-    if args.resume and config["algorithm"] != algorithm:
-        raise CheckpointError(f"--resume: {path} is a {config['algorithm']} checkpoint, not "
-                              f"{algorithm}; resume it with its own script or start a new --exp-name")
+def check_architecture(config: dict[str, Any], path: Path, what: str, given: dict[str, Any]) -> None:
+    """Each given (not None) architecture flag in `given` (lora_rank, lora_alpha, image_size,
+    critic) against the checkpoint's config; every one that differs named in one line."""
     saved = {"lora_rank": config["lora"]["rank"], "lora_alpha": config["lora"]["alpha"],
-             "image_size": config["model_config"]["image_sizes"][0]}
-    given = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-             "image_size": args.image_size}
-    if args.resume and needs_critic:
-        saved["critic"], given["critic"] = config["critic"], asked_critic
+             "image_size": config["model_config"]["image_sizes"][0], "critic": config["critic"]}
     differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved[k]})" for k, v in given.items()
               if v is not None and v != saved[k]]
     if differ:
-        what = "the run to resume" if args.resume else "--init-checkpoint"
         raise CheckpointError(f"{', '.join(differ)} differ from {what} {path}; drop the flag(s)")
-    changes = resume_flag_changes(args, read_run_args(path), algorithm, path) if args.resume else []
-    return path, config, changes
 
 
 # How each flag of a resumed run relates to the flags the run was saved with (trainer state's
@@ -486,15 +438,16 @@ RESUME_FINDS_THE_RUN = ("exp_name", "output_dir", "resume")  # where the run is,
 # never compared (the run directory may have moved; --resume is what makes this a resume).
 RESUME_NOT_GIVEN_IS_THE_RUNS = (  # None = "not given": the resumed run takes the run's value
     "model_path", "unnorm_key", "init_checkpoint", "lora_rank", "lora_alpha", "image_size",
-    "critic", "max_episode_steps", "demo_dir", "pairs_from")
+    "critic", "max_episode_steps", "demo_dir", "pairs_from", "wandb_entity")
 RESUME_CHECKED_ELSEWHERE = (  # a given value is checked where the truth is kept:
-    "lora_rank", "lora_alpha", "image_size", "critic",  # the checkpoint's config (above)
+    "lora_rank", "lora_alpha", "image_size", "critic",  # the checkpoint's config (check_architecture)
     "num_demos", "demo_dir")  # sft_warmup.py: the demonstrations its trainer state names
 RESUME_APPLIES = (
     "learning_rate", "value_learning_rate",  # a plain AdamW, no schedule: e.g. lower after a divergence
     "total_iterations", "total_steps", "rounds",  # longer or shorter: nothing anneals with the length
     "eval_every", "eval_episodes", "eval_temperature", "val_every", "save_every",  # what is measured, saved when
-    "device", "dtype", "model_path")  # where it runs, in what precision; the base's new place (fingerprinted)
+    "device", "dtype", "model_path",  # where it runs, in what precision; the base's new place (fingerprinted)
+    "track", "wandb_project_name", "wandb_entity", "capture_video")  # where the curves and videos go
 RESUME_APPLIES_MEMORY = {  # knobs that only split the same gradient differently (per script: PPO's
     # and GRPO's --grad-accum-steps sets the optimizer step's size, SFT's does not)
     "sft": ("grad_accum_steps", "gradient_checkpointing"),
@@ -502,26 +455,28 @@ RESUME_APPLIES_MEMORY = {  # knobs that only split the same gradient differently
 }
 
 
-def read_run_args(path: Path) -> dict[str, Any]:
-    """The flags a checkpoint's run was saved with ({} for a checkpoint without them), read
-    without loading its optimizer state (memory-mapped: the tensors are never touched)."""
-    state = parse_file(path / "trainer_state.pt",
-                       lambda p: torch.load(p, map_location="cpu", weights_only=False, mmap=True))
-    return state.get("args") or {}
-
-
-def resume_flag_changes(args: Any, run_args: dict[str, Any], algorithm: str, path: Path) -> list[str]:
-    """Compare a resumed run's flags with the run's own (`run_args`). Not given: set to the
-    run's value in `args`. Applied (RESUME_APPLIES): returned, one "--flag old -> new" each.
-    Anything else that differs: a one-line CheckpointError naming every such flag."""
+def resume_flags(checkpoint: Path, algorithm: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags a resumed run continues with -> `flags` with every flag not given (None) set to
+    the run's own. The checkpoint must be this algorithm's, each architecture flag given
+    (check_architecture) the run's; a changed flag is applied (RESUME_APPLIES, printed as
+    "--flag old -> new") or, anything else that differs, a one-line CheckpointError naming
+    every such flag. Reads JSON and the trainer state's flags only (memory-mapped)."""
+    config = read_checkpoint_config(checkpoint)
+    if config["algorithm"] != algorithm:
+        raise CheckpointError(f"--resume: {checkpoint} is a {config['algorithm']} checkpoint, not "
+                              f"{algorithm}; resume it with its own script or start a new --exp-name")
+    check_architecture(config, checkpoint, "the run to resume",
+                       {k: flags[k] for k in ("lora_rank", "lora_alpha", "image_size", "critic") if k in flags})
+    run_flags = parse_file(checkpoint / "trainer_state.pt", lambda p: torch.load(
+        p, map_location="cpu", weights_only=False, mmap=True)).get("args") or {}
     applies = RESUME_APPLIES + RESUME_APPLIES_MEMORY.get(algorithm, ())
-    changes, refused = [], []
-    for name, run_value in run_args.items():
-        if name in RESUME_FINDS_THE_RUN or not hasattr(args, name):  # a flag since removed
+    resumed, changes, refused = dict(flags), [], []
+    for name, run_value in run_flags.items():
+        if name in RESUME_FINDS_THE_RUN or name not in flags:  # a flag since removed
             continue
-        given = getattr(args, name)
+        given = flags[name]
         if given is None and name in RESUME_NOT_GIVEN_IS_THE_RUNS:
-            setattr(args, name, run_value)
+            resumed[name] = run_value
         elif given == run_value or name in RESUME_CHECKED_ELSEWHERE:
             continue
         elif name in applies:
@@ -529,29 +484,23 @@ def resume_flag_changes(args: Any, run_args: dict[str, Any], algorithm: str, pat
         else:
             refused.append(f"--{name.replace('_', '-')} {given} (the run's: {run_value})")
     if refused:
-        raise CheckpointError(f"--resume: {', '.join(refused)} would make it another run than {path}; "
+        raise CheckpointError(f"--resume: {', '.join(refused)} would make it another run than {checkpoint}; "
                               f"give the run's values, or start a new run with another --exp-name")
-    return changes
+    if world_info()[0] == 0:
+        for change in changes:  # the script applies the new learning rates to its optimizer
+            print(f"--resume: {change}", file=sys.stderr)
+    return resumed
 
 
-def planned_image_size(args: Any) -> int:
+def planned_image_size(image_size: int | None, model_path: str | None,
+                       checkpoint: str | Path | None = None) -> int:
     """The image size a script's agent will take, from flags and JSON files only: --image-size,
     else the checkpoint's (--resume / --init-checkpoint), else the base model's."""
-    if args.image_size is not None:
-        return args.image_size
-    if args.resume or args.init_checkpoint is not None:
-        path = checkpoint_dir(args) if args.resume else Path(args.init_checkpoint)
-        what = "checkpoint" if args.resume else "--init-checkpoint"
-        return read_checkpoint_config(path, what)["model_config"]["image_sizes"][0]
-    return model_image_size(args.model_path)
-
-
-def run_dir(args: Any) -> Path:
-    return Path(args.output_dir) / args.exp_name
-
-
-def checkpoint_dir(args: Any) -> Path:
-    return run_dir(args) / "checkpoint"
+    if image_size is not None:
+        return image_size
+    if checkpoint is not None:
+        return read_checkpoint_config(Path(checkpoint))["model_config"]["image_sizes"][0]
+    return model_image_size(model_path)
 
 
 # =============================================================================================
@@ -850,6 +799,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     config = read_checkpoint_config(path)
     critic = config["critic"] if critic == "saved" else critic
+    if critic is not None and config["critic"] != critic and world_info()[0] == 0:
+        had = "no" if config["critic"] is None else f"a {config['critic']!r}"
+        print(f"note: {path} has {had} value head; a new {critic!r} value head starts from "
+              f"scratch", file=sys.stderr)
     stats = parse_file(path / "norm_stats.json",
                        lambda p: NormStats.from_dict(json.loads(p.read_text())))
     agent = build_agent(model_path or config["model_path"], critic=critic,
@@ -918,26 +871,6 @@ def check_finite(where: str, **quantities: float | torch.Tensor) -> None:
                                  f"the last checkpoint is kept (try a lower learning rate)")
 
 
-DEVICE_FILES = Path("/dev")  # the driver's /dev/nvidia0, /dev/nvidia1, ...: GPUs this process can open
-
-
-def nvidia_gpu_present() -> bool:
-    """Can this process reach an NVIDIA GPU, whatever torch sees? Its device files (a container
-    started without GPUs has none, though /proc may list the host's), else nvidia-smi's list;
-    never when CUDA_VISIBLE_DEVICES hides every GPU on purpose ("" or -1)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    if any(DEVICE_FILES.glob("nvidia[0-9]*")):
-        return True
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return listing.returncode == 0 and "GPU" in listing.stdout
-
-
 def unusable_gpu_message(name: str) -> str:
     """Why torch sees no GPU on a machine that has one: almost always a torch wheel built for a
     newer CUDA than the driver supports (the pinned wheel is a recent CUDA build)."""
@@ -999,7 +932,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(states: list[dict[str, Any]], rank: int = 0, world: int = 1) -> None:
-    """Put back this rank's generators from gather_rng_states()'s list."""
+    """Put back this rank's generators from the list save_run gathered (gather_objects)."""
     if len(states) != world:
         raise CheckpointError(f"the run to resume had {len(states)} rank(s); resume it with "
                               f"{len(states)}, not {world}")
@@ -1119,42 +1052,120 @@ def global_mean_std(x: torch.Tensor) -> tuple[float, float]:
     return mean, math.sqrt(max(squares - count * mean * mean, 0.0) / max(count - 1, 1))
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG states (rank 0 saves them all, so a resume is exact on every rank)."""
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable, e.g. an RNG's state), in rank order, on every rank: what
+    rank 0 saves so that a resume is exact on every rank."""
     _, world = world_info()
     if world == 1:
-        return [rng_state()]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+        return [obj]
+    objects: list[Any] = [None] * world
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
-def make_writer(directory: Path, args: Any, purge_step: int) -> Any:
+def log_scalars(writer: Any, metrics: dict[str, float], step: int) -> None:
+    """Every metric at this step, on rank 0 (the writer is None elsewhere)."""
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+
+
+def make_writer(run_path: Path, flags: dict[str, Any], purge_step: int, track: bool = False,
+                wandb_project: str = "cleanvla", wandb_entity: str | None = None) -> Any:
     """TensorBoard writer on rank 0 (None elsewhere). purge_step: the last step the checkpoint
     being resumed covers (0 for a new run). A resumed run purges what the killed run logged
     after it, so every curve has one point per step. (SummaryWriter purges steps >= its
-    purge_step: the checkpoint's own step, already logged, is kept.)"""
+    purge_step: the checkpoint's own step, already logged, is kept.) track: mirror the
+    TensorBoard scalars to Weights & Biases (as CleanRL's --track), one W&B run per run
+    directory: its id is kept in RUN/wandb_id, so a resumed run continues the same W&B run."""
     if world_info()[0] != 0:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(directory), purge_step=purge_step + 1 if purge_step > 0 else None)
+    if track:
+        try:
+            import wandb  # only when asked: an optional dependency
+        except ImportError:
+            raise ValueError("--track logs to Weights & Biases: pip install wandb (or drop --track)") from None
+
+        id_file = run_path / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(8).hex()
+        run_path.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        wandb.init(project=wandb_project, entity=wandb_entity, name=run_path.name, id=run_id,
+                   resume="allow", config=flags, dir=str(run_path), sync_tensorboard=True)
+    writer = SummaryWriter(str(run_path), purge_step=purge_step + 1 if purge_step > 0 else None)
     if purge_step == 0:
-        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in vars(args).items()))
+        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in flags.items()))
     return writer
 
 
-def evaluate_during_training(agent: ActorCritic, envs: Any, args: Any,
-                             loop: EpisodeLoop | None = None) -> dict[str, float]:
-    """Success and return on --eval-episodes of the training split, at --eval-temperature, on
-    the same episode ids at every evaluation (and in every run with the same --seed). The
-    episodes are shared out over ranks. The evaluation resets the envs: `loop` restarts."""
+def close_writer(writer: Any) -> None:
+    """Flush TensorBoard (rank 0; None elsewhere) and end the W&B run if one is open."""
+    if writer is not None:
+        writer.close()
+    finish_wandb_run()
+
+
+def finish_wandb_run(exit_code: int = 0) -> None:
+    """End the W&B run of --track, if one is open (also when a run stops on an error)."""
+    wandb = sys.modules.get("wandb")  # imported only by make_writer(track=True)
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def evaluate_during_training(agent: ActorCritic, envs: Any, episode_ids: np.ndarray, temperature: float,
+                             label: str, loop: EpisodeLoop | None = None, video_dir: Path | None = None
+                             ) -> dict[str, float]:
+    """Success and return on this rank's `episode_ids` (the same at every evaluation: a
+    script's rank_slice of evaluation_episode_ids), sampled at `temperature`; rank 0 prints
+    "LABEL: eval success x" (e.g. "iteration 3"). The evaluation resets the envs: `loop`
+    restarts. video_dir (--capture-video): rank 0 saves its first VIDEOS_PER_EVALUATION
+    episodes in video_dir/LABEL."""
     agent.eval()
-    ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))
-    outcome = evaluate_policy(agent.as_policy(args.eval_temperature), envs, ids)
+    rank = world_info()[0]
+    videos = VIDEOS_PER_EVALUATION if video_dir is not None and rank == 0 else 0
+    outcome = evaluate_policy(agent.as_policy(temperature), envs, episode_ids, videos)
+    if video_dir is not None:
+        save_videos(outcome, video_dir / label.replace(" ", "_"))
     if loop is not None:
         loop.restart()
-    return {"eval/success": global_mean(outcome.success), "eval/return": global_mean(outcome.returns)}
+    metrics = {"eval/success": global_mean(outcome.success), "eval/return": global_mean(outcome.returns)}
+    if rank == 0:
+        tqdm.write(f"{label}: eval success {metrics['eval/success']:.3f}")
+    return metrics
+
+
+VIDEOS_PER_EVALUATION = 2  # --capture-video: a look at the policy, not a dataset
+
+
+def video_format() -> str:
+    """mp4 when an ffmpeg binary is around (the imageio-ffmpeg package ships one), else gif."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+        return "mp4"
+    except (ImportError, RuntimeError):
+        return "gif"
+
+
+def save_videos(outcomes: EpisodeOutcomes, folder: Path, prefix: str = "") -> list[Path]:
+    """One file per recorded episode, named by prefix, episode id and outcome -> the paths."""
+    import imageio.v2 as imageio
+
+    if not outcomes.videos:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    extension, paths = video_format(), []
+    for frames, episode_id, ok in zip(outcomes.videos, outcomes.episode_ids, outcomes.success, strict=False):
+        path = folder / f"{prefix}ep{episode_id}_{'success' if ok else 'fail'}.{extension}"
+        if extension == "mp4":  # block size 1: keep the frame size instead of rescaling to 16k
+            imageio.mimsave(path, list(frames), fps=10, macro_block_size=1)
+        else:
+            imageio.mimsave(path, list(frames), duration=100, loop=0)
+        paths.append(path)
+    return paths
 
 
 def iteration_metrics(rollout: Rollout, batch_size: int, rollout_time: float, update_time: float,
@@ -1179,31 +1190,33 @@ def show_progress(bar: Any, metrics: dict[str, float]) -> None:
                     sps=f"{metrics['time/env_steps_per_s']:.0f}", refresh=False)
 
 
-def save_run(args: Any, agent: ActorCritic, state: dict[str, Any]) -> None:
+def save_run(checkpoint: Path, agent: ActorCritic, state: dict[str, Any], flags: dict[str, Any]) -> None:
     """Checkpoint a training run: every rank calls (their RNG states are gathered), rank 0
-    writes OUTPUT_DIR/EXP_NAME/checkpoint with the flags and the RNG states added."""
-    state = {**state, "rng": gather_rng_states(), "args": vars(args)}
+    writes `checkpoint` with the run's flags and the RNG states added to the trainer state."""
+    state = {**state, "rng": gather_objects(rng_state()), "args": flags}
     if world_info()[0] == 0:
-        save_checkpoint(checkpoint_dir(args), agent, state)
+        save_checkpoint(checkpoint, agent, state)
 
 
 USER_ERRORS = (CheckpointError, NonFiniteError, ValueError, FileNotFoundError, RenderingUnavailable)
 
 
-def run_script(main: Callable[[Any], Any], args: Any, algorithm: str) -> None:
-    """Run a training script's main(): one line, no traceback, for what a user can fix; on
-    Ctrl-C, say what is kept and how to continue; under torchrun, leave the process group."""
+def run_script(main: Callable[[T], Any], args: T, algorithm: str, run_path: Path) -> None:
+    """Run a training script's main(args): one line, no traceback, for what a user can fix; on
+    Ctrl-C, say what is kept and how to continue; under torchrun, leave the process group.
+    run_path: OUTPUT_DIR/EXP_NAME, named in the messages."""
     try:
         main(args)
         if world_info()[0] == 0:
-            print(f"checkpoint: {checkpoint_dir(args)}\n{tensorboard_hint(run_dir(args))}")
+            print(f"checkpoint: {run_path / 'checkpoint'}\n{tensorboard_hint(run_path)}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: the last checkpoint of this {algorithm} run, if any, is kept in "
-                 f"{checkpoint_dir(args)}; run the same command with --resume to continue")
+                 f"{run_path / 'checkpoint'}; run the same command with --resume to continue")
     except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         rank, world = world_info()
         sys.exit(f"error{f' (rank {rank})' if world > 1 else ''}: {message}")
     finally:
+        finish_wandb_run(exit_code=1 if sys.exc_info()[0] is not None else 0)
         if dist.is_initialized():
             dist.destroy_process_group()

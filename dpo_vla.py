@@ -9,22 +9,20 @@ our reading of the paper's description, in the notation of the DPO paper (Rafail
 3. Minimise  -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))),
    where log pi(trajectory) is the sum over its steps of the 7 action-token log-probs.
 
-No reward model, no critic, no second copy of the model: the reference's log-probs are
-computed once, when the pairs are collected, and stored with them. One round (the default) is
-the study's offline DPO. With --rounds R > 1 the current policy collects fresh pairs after each
-round (iterative DPO) and becomes the next round's reference.
+No reward model, no critic, no second copy of the model: the reference's log-probs are computed
+once, with the pairs. One round (the default) is the study's offline DPO; with --rounds R > 1 the
+policy collects fresh pairs after each round (iterative DPO) and becomes the next reference.
 
     python dpo_vla.py twin --init-checkpoint runs/sft_warmup_twin/checkpoint   # README's twin run
     python dpo_vla.py --init-checkpoint ... --pairs-from runs/dpo_vla/preferences/round_001.pt --beta 0.3
 
-Reads top to bottom like ppo_vla.py: set-up, then per round
-collect preference pairs -> DPO epochs -> logging -> evaluation -> checkpoint.
+Reads top to bottom like ppo_vla.py: per round, pairs -> DPO epochs -> logging -> evaluation -> checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cli import (
     check_model_args,
@@ -50,6 +48,14 @@ class Args:
     """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (round, optimizer, RNG)"""
+    track: bool = False
+    """also log the curves to Weights & Biases (pip install wandb; WANDB_MODE=offline works)"""
+    wandb_project_name: str = "cleanvla"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
+    capture_video: bool = False
+    """save videos of the first evaluation episodes at every evaluation, in OUTPUT_DIR/EXP_NAME/videos"""
     # --- model
     model_path: str | None = None
     """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
@@ -134,31 +140,35 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
 
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (
+    ActorCritic,
     EpisodeLoop,
+    build_agent,
     check_finite,
+    check_init_checkpoint,
+    close_writer,
     evaluate_during_training,
+    evaluation_episode_ids,
+    gather_objects,
     global_mean,
     init_distributed,
-    make_agent,
+    load_checkpoint,
+    log_scalars,
     make_writer,
     optimizer_step,
     peak_memory_gb,
     rank_slice,
     resolve_dtype,
     restore_rng_state,
-    run_dir,
+    resume_flags,
     run_script,
     save_run,
     seed_everything,
@@ -170,22 +180,16 @@ from tasks import MAX_EPISODE_ID
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss [P] and the implicit rewards beta * log(pi / ref) of chosen and rejected [P],
-    from the summed action log-probs [P] of each pair's chosen (c) and rejected (r) trajectory
-    under the policy (log pi) and the reference (log ref).
-
-    At the reference both rewards are 0 and the loss is log 2; it falls toward 0 as the chosen
-    trajectory gains probability relative to the rejected one. logsigmoid (not log(sigmoid))
-    stays finite for large negative margins.
-    """
+    """Per-pair DPO loss [P] and implicit rewards beta * log(pi / ref) of chosen and rejected [P],
+    from the summed action log-probs [P] of each pair's trajectories under the policy and the
+    reference. At the reference the loss is log 2; logsigmoid stays finite for large margins."""
     chosen_rewards = beta * (policy_chosen - ref_chosen)
     rejected_rewards = beta * (policy_rejected - ref_rejected)
     return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
 def step_logprobs(agent, data: dict, trajectories: torch.Tensor, chunk_size: int):
-    """Yield (flat step slice, summed action log-prob [chunk]) over the steps of `trajectories`
-    (indices into data), chunk_size steps per teacher-forced forward, across trajectory ends."""
+    """Yield (step slice, summed log-prob [chunk]) per chunk_size steps of `trajectories` (across their ends)."""
     images = data["images"][trajectories].flatten(0, 1)  # [M*L, H, W, 3]
     instructions = [text for i in trajectories.tolist() for text in data["instructions"][i]]
     tokens = data["tokens"][trajectories].flatten(0, 1)  # [M*L, 7]
@@ -196,20 +200,15 @@ def step_logprobs(agent, data: dict, trajectories: torch.Tensor, chunk_size: int
 
 def trajectory_logprobs(agent, data: dict, trajectories: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """log pi(trajectory) = sum over its L steps of log pi(action tokens | observation): [M]."""
-    length = data["tokens"].shape[1]
     with torch.no_grad():
         steps = [logprob.cpu() for _, logprob in step_logprobs(agent, data, trajectories, chunk_size)]
-    return torch.cat(steps).view(len(trajectories), length).sum(dim=1) if steps else torch.zeros(0)
+    return torch.cat(steps).view(len(trajectories), -1).sum(dim=1) if steps else torch.zeros(0)
 
 
 def backward_weighted_logprobs(agent, data: dict, trajectories: torch.Tensor, weights: torch.Tensor,
                                chunk_size: int) -> None:
-    """Accumulate into .grad the gradient of sum_m weights[m] * log pi(trajectory m).
-
-    The DPO loss depends on a trajectory only through its summed log-prob, so by the chain rule
-    its gradient is exactly this weighted sum of log-prob gradients; as that log-prob is a sum
-    over steps, each chunk of steps is backpropagated (and its graph freed) on its own.
-    """
+    """Accumulate into .grad the gradient of sum_m weights[m] * log pi(trajectory m) (the DPO loss's,
+    by the chain rule), a sum over steps: each chunk is backpropagated (graph freed) on its own."""
     step_weights = weights.detach().repeat_interleave(data["tokens"].shape[1])  # [M*L]
     for chunk, logprob in step_logprobs(agent, data, trajectories, chunk_size):
         (step_weights[chunk].to(logprob.device) * logprob).sum().backward()
@@ -217,12 +216,8 @@ def backward_weighted_logprobs(agent, data: dict, trajectories: torch.Tensor, we
 
 def pair_successes_with_failures(episode_ids: torch.Tensor, success: torch.Tensor, max_pairs_per_state: int,
                                  rng: np.random.Generator) -> torch.Tensor:
-    """(chosen, rejected) episode indices [P, 2]: a success and a failure from the same state.
-
-    A state with s successes and f failures offers s * f pairs; at most `max_pairs_per_state`
-    of them are drawn at random. Failures are not compared across states: a failure from a hard
-    state may be no worse a behaviour than a success from an easy one.
-    """
+    """(chosen, rejected) episode indices [P, 2]: up to max_pairs_per_state random (success, failure)
+    pairs per state, never across states (a hard state's failure may be no worse than an easy one's success)."""
     pairs = []
     for state in torch.unique(episode_ids):
         same_state = episode_ids == state
@@ -235,11 +230,8 @@ def pair_successes_with_failures(episode_ids: torch.Tensor, success: torch.Tenso
 
 
 def collect_preferences(agent, envs, args: Args, state_ids: np.ndarray, seed: int) -> dict[str, Any]:
-    """Roll out the current policy (this round's reference) K times from each state, pair
-    outcomes, and keep the paired trajectories with their reference log-probs.
-
-    Returns images uint8 [M, L, H, W, 3], instructions [M][L], tokens long [M, L, 7],
-    ref_logprobs [M], pairs long [P, 2] into the M trajectories, stats of the whole collection."""
+    """Roll out the current policy (this round's reference) K times per state, pair the outcomes ->
+    the M paired trajectories (images, instructions, tokens [M, L, 7], ref_logprobs [M]), pairs [P, 2], stats."""
     agent.eval()
     ids = np.repeat(state_ids, args.rollouts_per_state).reshape(-1, envs.num_envs)  # K copies adjacent
     runs = [EpisodeLoop(envs, lambda batch=batch: batch).run(agent.as_policy(args.temperature), envs.max_episode_steps)
@@ -252,8 +244,7 @@ def collect_preferences(agent, envs, args: Args, state_ids: np.ndarray, seed: in
             "instructions": [list(col) for r in runs for col in zip(*r.instructions, strict=True)],
             "tokens": torch.cat([r.tokens.transpose(0, 1) for r in runs])[kept], "pairs": pairs}
     data["instructions"] = [data["instructions"][i] for i in kept.tolist()]
-    # Scored by the same teacher-forced forward as the policy in training (not the rollout's
-    # log-probs), so the two agree exactly before the first update: the loss starts at log 2.
+    # Teacher-forced, as the policy in training (not the rollout's log-probs): the loss starts at log 2.
     data["ref_logprobs"] = trajectory_logprobs(agent, data, torch.arange(len(kept)), args.chunk_size)
     with_pairs = len(torch.unique(episode_ids[kept[pairs[:, 0]]])) if len(pairs) else 0
     data["stats"] = {"success_rate": success.float().mean().item(), "states_with_pairs": with_pairs}
@@ -279,18 +270,13 @@ def save_pairs(path: Path, data: dict[str, Any], args: Args) -> None:
     """Atomically: a killed run leaves the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**data, "env": args.env, "split": args.split}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    path.with_suffix(".tmp").replace(path)
 
 
 def dpo_update(agent, data: dict, pair_batch: torch.Tensor, args: Args, where: str) -> dict[str, float]:
-    """Accumulate the gradient of the mean DPO loss over the global batch; return its statistics.
-
-    Two passes keep memory bounded by one chunk of steps: (1) without a graph, the summed
-    log-prob of every trajectory in the batch, hence the loss and d loss / d log pi(trajectory);
-    (2) with a graph, chunk by chunk, the gradient of those weights times the log-probs. Ranks
-    hold different numbers of pairs: each weights its sum by world / global count, so the
-    average over ranks is the mean over every pair of the step.
-    """
+    """Accumulate the gradient of the mean DPO loss over the global batch -> its statistics. Two
+    passes keep memory at one chunk of steps: (1) without a graph, every trajectory's log pi, hence
+    the loss and d loss / d log pi(trajectory); (2) with one, chunk by chunk, those weights x log pi."""
     trajectories, pair_batch = torch.unique(pair_batch, return_inverse=True)  # [U] and [P, 2] into them
     policy = trajectory_logprobs(agent, data, trajectories, args.chunk_size)  # [U]
     policy.requires_grad_(True)  # a leaf: backward gives d loss / d log pi(trajectory)
@@ -299,55 +285,71 @@ def dpo_update(agent, data: dict, pair_batch: torch.Tensor, args: Args, where: s
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[chosen], policy[rejected], ref[chosen],
                                                         ref[rejected], args.beta)
     _, world = world_info()
-    count = torch.tensor([float(len(losses))])
-    if world > 1:
-        dist.all_reduce(count)
+    count = sum(gather_objects(len(losses)))  # the step's pairs on all ranks (each holds its own number)
     check_finite(where, dpo_loss=losses.sum())
-    (losses.sum() * world / count.item()).backward()
+    (losses.sum() * world / count).backward()  # x world / count: the mean over ranks is the mean over every pair
     backward_weighted_logprobs(agent, data, trajectories, policy.grad, args.chunk_size)
     margins = (chosen_rewards - rejected_rewards).detach()
-    return {
-        "losses/loss": losses.mean().item(),
-        "rewards/accuracy": (margins > 0).float().mean().item(),  # the policy prefers the chosen one
-        "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margin": margins.mean().item(),
-        # DPO only ranks: both log-probs may fall while the margin grows; these show whether they do.
-        "logps/chosen": policy[chosen].mean().item(),
-        "logps/rejected": policy[rejected].mean().item(),
-    }
+    return {"losses/loss": losses.mean().item(), "rewards/margin": margins.mean().item(),
+            "rewards/accuracy": (margins > 0).float().mean().item(),  # the policy prefers the chosen one
+            "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+            # DPO only ranks: both log-probs may fall while the margin grows; these show whether they do.
+            "logps/chosen": policy[chosen].mean().item(), "logps/rejected": policy[rejected].mean().item()}
+
+
+def init_agent(args: Args, device: torch.device) -> tuple[Args, ActorCritic, dict]:
+    """How the run starts, as nanoGPT's init_from -> (the flags it runs with, agent, trainer
+    state). A flag that contradicts a checkpoint is a one-line error, before anything loads."""
+    dtype = resolve_dtype(args.dtype, device)
+    if args.resume:  # this run's own checkpoint, continued: adapter, optimizer, RNG, round
+        checkpoint = Path(args.output_dir) / args.exp_name / "checkpoint"
+        args = Args(**resume_flags(checkpoint, "dpo", vars(args)))  # not given: the run's own
+    elif args.init_checkpoint is not None:  # another run's adapter (the SFT warm-up's), a new run
+        checkpoint = Path(args.init_checkpoint)
+        check_init_checkpoint(checkpoint, args.lora_rank, args.lora_alpha, args.image_size)
+    else:  # new LoRA adapters on the base model (paper: rank 32, alpha 16), no value head
+        return args, build_agent(args.model_path, critic=None, lora_rank=args.lora_rank,
+                                 lora_alpha=args.lora_alpha, image_size=args.image_size, device=device,
+                                 seed=args.seed, unnorm_key=args.unnorm_key, dtype=dtype), {}
+    # DPO has no critic: a value head in the checkpoint (e.g. PPO's) is dropped.
+    agent, state = load_checkpoint(checkpoint, device, args.model_path, args.unnorm_key,
+                                   critic=None, dtype=dtype, seed=args.seed)
+    return args, agent, state if args.resume else {}
 
 
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
     rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)
-    agent, state = make_agent(args, device, "dpo", dtype=resolve_dtype(args.dtype, device))
+    args, agent, state = init_agent(args, device)
+    run_path = Path(args.output_dir) / args.exp_name
     optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate, eps=1e-5)
-    # Initial states: one generator on every rank, each rank collects from its slice of them.
-    state_rng = np.random.default_rng(args.seed)
+    state_rng = np.random.default_rng(args.seed)  # initial states: the same on every rank, each takes its slice
     start_round, updates = 0, 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
-        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (resume_flags printed any change)
         restore_rng_state(state["rng"], rank, world)
         state_rng.bit_generator.state = state["state_rng"]
         start_round, updates = state["round"], state["updates"]
 
     envs = make_vec_env(args.split, args.num_envs, image_size=agent.image_size, seed=args.seed + rank,
                         max_episode_steps=args.max_episode_steps, env=args.env, render_device=str(device))
-    writer = make_writer(run_dir(args), args, updates)  # None on ranks > 0
+    writer = make_writer(run_path, vars(args), updates, args.track, args.wandb_project_name, args.wandb_entity)
+    eval_ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))  # fixed
+    videos = run_path / "videos" if args.capture_video else None
     metrics: dict[str, float] = {}
     if start_round == 0 and args.eval_every > 0:  # the reference policy: the baseline of every round
-        metrics["eval/reference_success"] = evaluate_during_training(agent, envs, args)["eval/success"]
-        if writer is not None:
-            writer.add_scalar("eval/success", metrics["eval/reference_success"], 0)
+        reference = evaluate_during_training(agent, envs, eval_ids, args.eval_temperature, "round 0", video_dir=videos)
+        metrics["eval/reference_success"] = reference["eval/success"]
+        log_scalars(writer, {"eval/success": reference["eval/success"]}, 0)
 
     for round_index in tqdm(range(start_round, args.rounds), desc="DPO rounds", initial=start_round,
                             total=args.rounds, disable=rank > 0):
         # ------------------------------------------------------------ preference pairs
         t0 = time.perf_counter()
         state_ids = rank_slice(state_rng.integers(0, MAX_EPISODE_ID, args.num_states))
-        path = run_dir(args) / "preferences" / f"round_{round_index + 1:03d}{f'_rank{rank}' if world > 1 else ''}.pt"
+        path = run_path / "preferences" / f"round_{round_index + 1:03d}{f'_rank{rank}' if world > 1 else ''}.pt"
         if round_index == 0 and args.pairs_from is not None:  # ranks share the pairs out
             data = load_pairs(Path(args.pairs_from), args, agent.image_size)
             data["pairs"] = torch.as_tensor(rank_slice(data["pairs"].numpy()))
@@ -362,15 +364,12 @@ def main(args: Args) -> dict[str, float]:
         agent.train()
         t0 = time.perf_counter()
         num_pairs = len(data["pairs"])
-        counts = torch.tensor([float(num_pairs)])
-        if world > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        if counts.item() == 0 and rank == 0:  # e.g. a policy that always fails (or always succeeds)
+        most_pairs = max(gather_objects(num_pairs))  # every rank takes as many steps (some empty): no hang
+        if most_pairs == 0 and rank == 0:  # e.g. a policy that always fails (or always succeeds)
             tqdm.write(f"round {round_index + 1}: no state had both a success and a failure, so no pairs: "
                        f"skipping the update (start from a better policy, or raise --rollouts-per-state)")
-        # Every rank takes as many steps as the rank with most pairs (then empty batches): no hang.
         per_rank_batch = max(1, args.pairs_per_batch // world)
-        steps = args.epochs * -(-int(counts.item()) // per_rank_batch)
+        steps = args.epochs * -(-most_pairs // per_rank_batch)
         shuffle = torch.Generator().manual_seed(args.seed * 1000 + round_index)
         order = torch.cat([torch.randperm(num_pairs, generator=shuffle) for _ in range(args.epochs)])
         stats: dict[str, list[float]] = {}
@@ -380,44 +379,35 @@ def main(args: Args) -> dict[str, float]:
             step_stats["losses/grad_norm"] = optimizer_step(optimizer, agent.lora_parameters(),
                                                             args.max_grad_norm, f"round {round_index + 1}")
             updates += 1
-            for k, v in step_stats.items():
-                values = stats.setdefault(k, [])  # every rank the same keys: global_mean is collective
-                if len(chosen) == 0:  # this rank ran out of pairs before the others: nothing to log
-                    continue
-                values.append(v)
-                if writer is not None:
-                    writer.add_scalar(k, v, updates)
+            if len(chosen) > 0:  # else this rank ran out of pairs before the others: nothing to log
+                log_scalars(writer, step_stats, updates)
+            for k, v in step_stats.items():  # every rank the same keys: global_mean is collective
+                stats.setdefault(k, []).extend([v] if len(chosen) > 0 else [])
         update_time = time.perf_counter() - t0
 
         # ------------------------------------------------------------ logging (global means)
-        metrics = {
-            **{k: v for k, v in metrics.items() if k == "eval/reference_success"},
-            "data/pairs": global_mean([num_pairs]) * world,
-            "data/states_with_pairs": global_mean([data["stats"]["states_with_pairs"]]) * world,
-            "rollout/success": global_mean([data["stats"]["success_rate"]]),  # the collecting policy
-            **{k: global_mean(v) for k, v in stats.items()},
-            "time/collect_s": collect_time, "time/update_s": update_time, "memory/peak_gb": peak_memory_gb(device),
-        }
+        metrics = {**{k: v for k, v in metrics.items() if k == "eval/reference_success"},
+                   "data/pairs": global_mean([num_pairs]) * world,
+                   "data/states_with_pairs": global_mean([data["stats"]["states_with_pairs"]]) * world,
+                   "rollout/success": global_mean([data["stats"]["success_rate"]]),  # the collecting policy
+                   **{k: global_mean(v) for k, v in stats.items()},
+                   "time/collect_s": collect_time, "time/update_s": update_time,
+                   "memory/peak_gb": peak_memory_gb(device)}
 
         # ------------------------------------------------------------ evaluation and checkpoint
         last = round_index + 1 == args.rounds
         if args.eval_every > 0 and ((round_index + 1) % args.eval_every == 0 or last):
-            metrics.update(evaluate_during_training(agent, envs, args))
-            if rank == 0:
-                tqdm.write(f"round {round_index + 1}: {metrics['data/pairs']:.0f} pairs, eval success "
-                           f"{metrics['eval/success']:.3f} (reference {metrics.get('eval/reference_success', 'n/a')})")
-        if writer is not None:
-            for k, v in metrics.items():
-                if not k.startswith(("losses/", "rewards/", "logps/")):  # those are per optimizer step
-                    writer.add_scalar(k, v, round_index + 1)
-        save_run(args, agent, {"optimizer": optimizer.state_dict(), "round": round_index + 1, "updates": updates,
-                               "state_rng": state_rng.bit_generator.state, "algorithm": "dpo"})
+            metrics.update(evaluate_during_training(agent, envs, eval_ids, args.eval_temperature,
+                                                    f"round {round_index + 1}", video_dir=videos))
+        log_scalars(writer, {k: v for k, v in metrics.items()  # losses, rewards, logps: per optimizer step
+                             if not k.startswith(("losses/", "rewards/", "logps/"))}, round_index + 1)
+        save_run(run_path / "checkpoint", agent, {"optimizer": optimizer.state_dict(), "round": round_index + 1,
+                 "updates": updates, "state_rng": state_rng.bit_generator.state, "algorithm": "dpo"}, vars(args))
 
     envs.close()
-    if writer is not None:
-        writer.close()
+    close_writer(writer)
     return metrics
 
 
 if __name__ == "__main__":
-    run_script(main, ARGS, "dpo")
+    run_script(main, ARGS, "dpo", Path(ARGS.output_dir) / ARGS.exp_name)

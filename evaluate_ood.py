@@ -136,7 +136,6 @@ import zlib
 from dataclasses import asdict
 from typing import Any
 
-import imageio.v2 as imageio
 import matplotlib
 import numpy as np
 import torch
@@ -154,6 +153,7 @@ from common import (
     load_checkpoint,
     read_checkpoint_config,
     resolve_dtype,
+    save_videos,
     world_info,
 )
 from envs import make_vec_env
@@ -235,7 +235,7 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
     if rank == 0:
         for split in splits:
             for seed, outcomes in zip(args.seeds, results[split], strict=True):
-                save_videos(outcomes, Path(args.output_dir) / "videos" / label, split, seed)
+                save_videos(outcomes, Path(args.output_dir) / "videos" / label, f"{split}_seed{seed}_")
     return results
 
 
@@ -441,31 +441,6 @@ def draw_bars(axis: plt.Axes, summary: dict[str, dict[str, dict]], keys: list[st
             axis.text(p + offset, mean + std + 1, f"{mean:.0f}", ha="center", va="bottom", fontsize=7)
     axis.grid(axis="y", color="0.85", linewidth=0.6)
     axis.set_axisbelow(True)
-
-
-def video_format() -> str:
-    """mp4 when an ffmpeg binary is around (the imageio-ffmpeg package ships one), else gif."""
-    try:
-        import imageio_ffmpeg
-
-        imageio_ffmpeg.get_ffmpeg_exe()
-        return "mp4"
-    except (ImportError, RuntimeError):
-        return "gif"
-
-
-def save_videos(outcomes: EpisodeOutcomes, folder: Path, split: str, seed: int) -> None:
-    """One file per recorded episode, named by split, seed, episode id and outcome."""
-    if not outcomes.videos:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    extension = video_format()
-    for frames, episode_id, ok in zip(outcomes.videos, outcomes.episode_ids, outcomes.success, strict=False):
-        path = folder / f"{split}_seed{seed}_ep{episode_id}_{'success' if ok else 'fail'}.{extension}"
-        if extension == "mp4":  # block size 1: keep the frame size instead of rescaling to 16k
-            imageio.mimsave(path, list(frames), fps=10, macro_block_size=1)
-        else:
-            imageio.mimsave(path, list(frames), duration=100, loop=0)
 
 
 # ---------------------------------------------------------------------------- main

@@ -47,6 +47,14 @@ class Args:
     """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (iteration, optimizer, RNG)"""
+    track: bool = False
+    """also log the curves to Weights & Biases (pip install wandb; WANDB_MODE=offline works)"""
+    wandb_project_name: str = "cleanvla"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
+    capture_video: bool = False
+    """save videos of the first evaluation episodes at every evaluation, in OUTPUT_DIR/EXP_NAME/videos"""
     # --- model
     model_path: str | None = None
     """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
@@ -130,26 +138,33 @@ if __name__ == "__main__":
     ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common import (
+    ActorCritic,
     EpisodeLoop,
     all_reduce_gradients,
+    build_agent,
     check_finite,
+    check_init_checkpoint,
+    close_writer,
     evaluate_during_training,
+    evaluation_episode_ids,
     global_mean,
     init_distributed,
     iteration_metrics,
-    make_agent,
+    load_checkpoint,
+    log_scalars,
     make_writer,
     rank_share_of_step,
     rank_slice,
     resolve_dtype,
     restore_rng_state,
-    run_dir,
+    resume_flags,
     run_script,
     save_run,
     seed_everything,
@@ -270,19 +285,42 @@ def grpo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args
     return stats
 
 
+def init_agent(args: Args, device: torch.device) -> tuple[Args, ActorCritic, dict]:
+    """How the run starts, as nanoGPT's init_from -> (the flags it runs with, agent, trainer
+    state). A flag that contradicts a checkpoint is a one-line error, before anything loads."""
+    dtype = resolve_dtype(args.dtype, device)
+    if args.resume:  # this run's own checkpoint, continued: adapter, optimizer, RNG, KL anchor
+        checkpoint = Path(args.output_dir) / args.exp_name / "checkpoint"
+        args = Args(**resume_flags(checkpoint, "grpo", vars(args)))  # not given: the run's own
+        agent, state = load_checkpoint(checkpoint, device, args.model_path, args.unnorm_key,
+                                       critic=None, dtype=dtype, seed=args.seed)
+        return args, agent, state
+    if args.init_checkpoint is not None:  # another run's adapter (the SFT warm-up's), a new run
+        check_init_checkpoint(args.init_checkpoint, args.lora_rank, args.lora_alpha, args.image_size)
+        # GRPO has no critic: a value head in the checkpoint (e.g. PPO's) is dropped.
+        agent, _ = load_checkpoint(args.init_checkpoint, device, args.model_path, args.unnorm_key,
+                                   critic=None, dtype=dtype, seed=args.seed)
+        return args, agent, {}
+    # New LoRA adapters on the base model (paper: rank 32, alpha 16), no value head.
+    return args, build_agent(args.model_path, critic=None, lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha, image_size=args.image_size, device=device,
+                             seed=args.seed, unnorm_key=args.unnorm_key, dtype=dtype), {}
+
+
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
     rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)  # each rank samples its own actions
     rank_share = rank_share_of_step(args.minibatch_size, args.grad_accum_steps, world)
-    agent, state = make_agent(args, device, "grpo", dtype=resolve_dtype(args.dtype, device))
+    args, agent, state = init_agent(args, device)
+    run_path = Path(args.output_dir) / args.exp_name
     optimizer = torch.optim.AdamW(agent.lora_parameters(), lr=args.learning_rate, eps=1e-5)
     # Episode ids: one generator, the same on every rank; each rank plays its slice of whole groups.
     episode_rng = np.random.default_rng(args.seed)
     start_iteration = 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
-        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (resume_flags printed any change)
         restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
         start_iteration = state["iteration"]
@@ -295,11 +333,17 @@ def main(args: Args) -> dict[str, float]:
                                                                     args.group_size)))
     num_steps = envs.max_episode_steps  # one whole episode per env: a group's returns are complete
     batch_size = args.num_envs * num_steps * world
-    writer = make_writer(run_dir(args), args, start_iteration * batch_size)  # None on ranks > 0
+    writer = make_writer(run_path, vars(args), start_iteration * batch_size, args.track,  # None on ranks > 0
+                         args.wandb_project_name, args.wandb_entity)
+    eval_ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))  # fixed
+    videos = run_path / "videos" if args.capture_video else None
     global_step = start_iteration * batch_size
-    metrics: dict[str, float] = {}
     bar = tqdm(range(start_iteration, args.total_iterations), desc="GRPO", initial=start_iteration,
                total=args.total_iterations, disable=rank > 0)
+    metrics: dict[str, float] = {}
+    if args.eval_every > 0 and start_iteration == 0:  # the start, that every later evaluation compares with
+        metrics = evaluate_during_training(agent, envs, eval_ids, args.eval_temperature, "iteration 0", loop, videos)
+        log_scalars(writer, metrics, 0)
 
     for iteration in bar:
         # ------------------------------------------------------------ grouped rollout
@@ -331,23 +375,19 @@ def main(args: Args) -> dict[str, float]:
         }
         last = iteration + 1 == args.total_iterations
         if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            metrics.update(evaluate_during_training(agent, envs, args, loop))
-            if rank == 0:
-                bar.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
+            metrics.update(evaluate_during_training(agent, envs, eval_ids, args.eval_temperature,
+                                                    f"iteration {iteration + 1}", loop, videos))
         show_progress(bar, metrics)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
+        log_scalars(writer, metrics, global_step)
         if (iteration + 1) % args.save_every == 0 or last:
-            save_run(args, agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
-                                   "episode_rng": episode_rng.bit_generator.state,
-                                   "reference_lora": agent.reference_lora, "algorithm": "grpo"})
+            save_run(run_path / "checkpoint", agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
+                     "episode_rng": episode_rng.bit_generator.state, "reference_lora": agent.reference_lora,
+                     "algorithm": "grpo"}, vars(args))
 
     envs.close()
-    if writer is not None:
-        writer.close()
+    close_writer(writer)
     return metrics
 
 
 if __name__ == "__main__":
-    run_script(main, ARGS, "grpo")
+    run_script(main, ARGS, "grpo", Path(ARGS.output_dir) / ARGS.exp_name)

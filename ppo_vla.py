@@ -1,19 +1,18 @@
 """PPO fine-tuning of a Vision-Language-Action model with a shared actor-critic.
 
 The recipe of "What Can RL Bring to VLA Generalization?" (Liu et al., NeurIPS 2025,
-arXiv 2505.19789, section 4 and its appendix; docs/PAPER_NOTES.md): the VLA itself is the
-actor, its 7 action tokens form ONE action whose log-probability is the sum of the 7 token
-log-probs, and a small value head reads h0, the hidden state that predicts the first action
-token, so actor and critic share one backbone. LoRA adapters and the value head are the only
-trained weights.
+arXiv 2505.19789, section 4; docs/PAPER_NOTES.md): the VLA is the actor, its 7 action tokens
+ONE action whose log-prob is the sum of theirs, and a value head reads h0 (the hidden state that
+predicts the first action token), so actor and critic share one backbone. LoRA adapters and the
+value head are the only trained weights.
 
-    python ppo_vla.py --epochs 1 --temperature 1.0                      # paper defaults, tiny model
-    python ppo_vla.py twin --init-checkpoint runs/sft_warmup/checkpoint  # the README's 2D-twin run
+    python ppo_vla.py --epochs 1 --temperature 1.0   # no GPU: the `laptop` recipe (~4 min); a GPU: the paper's
     python ppo_vla.py --model-path /weights/openvla-7b --init-checkpoint runs/sft_warmup/checkpoint
-    torchrun --nproc_per_node 4 ppo_vla.py ...                          # 4 GPUs (or CPU ranks)
+    python ppo_vla.py twin --init-checkpoint runs/sft_warmup_twin/checkpoint   # make demo's PPO
+    torchrun --nproc_per_node 4 ppo_vla.py ...       # 4 GPUs (or CPU ranks)
 
-Reads top to bottom like CleanRL's ppo_continuous_action.py: set-up, then per iteration
-rollout -> GAE -> clipped update -> logging -> evaluation -> checkpoint.
+Reads top to bottom like CleanRL's ppo_continuous_action.py: set-up (init_agent: how the run
+starts), then per iteration rollout -> GAE -> clipped update -> logging -> evaluation -> checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from cli import (
     require_non_negative,
     require_positive,
 )
+from tasks import PRETRAINED_TWIN
 
 
 @dataclass
@@ -45,6 +45,14 @@ class Args:
     """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (iteration, optimizer, RNG)"""
+    track: bool = False
+    """also log the curves to Weights & Biases (pip install wandb; WANDB_MODE=offline works)"""
+    wandb_project_name: str = "cleanvla"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
+    capture_video: bool = False
+    """save videos of the first evaluation episodes at every evaluation, in OUTPUT_DIR/EXP_NAME/videos"""
     # --- model
     model_path: str | None = None
     """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
@@ -120,6 +128,11 @@ class Args:
 
 
 RECIPES = {
+    "laptop": ("PPO on the 2D twin from the shipped pretrained tiny VLA, learning within minutes on a CPU; "
+               "the default where no GPU is found",
+               Args(exp_name="ppo_laptop", env="twin", model_path=PRETRAINED_TWIN, num_envs=64, num_steps=30,
+                    total_iterations=12, learning_rate=1e-3, minibatch_size=64, grad_accum_steps=2,
+                    eval_every=3, eval_episodes=128, save_every=3)),
     "twin": ("PPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
              Args(exp_name="ppo_twin", env="twin", num_envs=64, num_steps=30, total_iterations=16,
                   # 128 samples per optimizer step over all ranks (the demo's 2 ranks: 64 each)
@@ -144,9 +157,10 @@ def check_args(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    ARGS = parse_cli(Args, check_args, RECIPES)  # before the heavy imports: --help answers at once
+    ARGS = parse_cli(Args, check_args, RECIPES, no_gpu_recipe="laptop")  # before the heavy imports: fast --help
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -158,19 +172,24 @@ from common import (
     EpisodeLoop,
     Rollout,
     all_reduce_gradients,
+    build_agent,
     check_finite,
+    check_init_checkpoint,
+    close_writer,
     evaluate_during_training,
+    evaluation_episode_ids,
     global_mean,
     global_mean_std,
     init_distributed,
     iteration_metrics,
-    make_agent,
+    load_checkpoint,
+    log_scalars,
     make_writer,
     rank_share_of_step,
     rank_slice,
     resolve_dtype,
     restore_rng_state,
-    run_dir,
+    resume_flags,
     run_script,
     save_run,
     seed_everything,
@@ -188,10 +207,9 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation; returns (advantages, returns), both [T, N].
-
-    A rollout cut mid-episode bootstraps from next_value; an ended episode does not (the
-    horizon is part of the task: success is judged at its last step)."""
+    """Generalised advantage estimation -> (advantages, returns), both [T, N]. A rollout cut
+    mid-episode bootstraps from next_value; an ended episode does not (success is judged at the
+    horizon's last step)."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -212,11 +230,10 @@ def bootstrap_value(agent: ActorCritic, rollout: Rollout, temperature: float) ->
 
 def joint_logprob_and_entropy(logits: torch.Tensor, index: torch.Tensor,
                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, 7, 256] of the 7 action tokens, the taken tokens' indices [B, 7] -> the
-    action's log-prob [B] and entropy [B]. One action is 7 tokens: its log-prob is the sum of
-    theirs (one joint ratio per env step, as the paper), under softmax(logits / T), the
-    distribution the rollout sampled from. In float64: fp32 rounding alone would be ~4e-6 of
-    the ratio's 1e-5 agreement with the rollout's log-prob before any update."""
+    """logits [B, 7, 256] of the 7 action tokens, the taken tokens' indices [B, 7] -> the action's
+    log-prob [B] and entropy [B]: one action is 7 tokens, its log-prob the sum of theirs (one
+    joint ratio per env step, as the paper), under softmax(logits / T), what the rollout sampled
+    from. float64: fp32 rounding alone is ~4e-6 of the ratio's 1e-5 agreement with the rollout."""
     token_dist = torch.distributions.Categorical(logits=logits.double() / temperature, validate_args=False)
     return token_dist.log_prob(index).sum(-1).float(), token_dist.entropy().sum(-1).float()
 
@@ -251,11 +268,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
-    """The update's schedule on one rank: `epochs` shuffled passes over its `size` samples,
-    rank_share of them per optimizer step (rank_share_of_step: minibatch_size x
-    grad_accum_steps over ALL ranks), cut into forward/backward passes of <= minibatch_size.
-    Yields (indices, weight, step): weight = the pass's share of its optimizer step, step =
-    take the optimizer step after this pass's backward."""
+    """`epochs` shuffled passes over this rank's `size` samples, rank_share per optimizer step, in
+    forward/backward passes of <= minibatch_size -> (indices, the pass's share of its step, step
+    after this pass?)."""
     for _epoch in range(epochs):
         order = torch.randperm(size)
         for start in range(0, size, rank_share):
@@ -267,10 +282,8 @@ def minibatches(size: int, rank_share: int, minibatch_size: int, epochs: int):
 
 def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
                rank_share: int, train_policy: bool, where: str) -> dict[str, list[float]]:
-    """One PPO update over this rank's flat batch (b = t * N + n): `epochs` passes of shuffled
-    minibatches; each optimizer step averages the gradient of minibatch_size x grad_accum_steps
-    samples over all ranks (rank_share of them here). train_policy False: the value loss only
-    (a batch without reward signal)."""
+    """One PPO update over this rank's flat batch (b = t * N + n); each optimizer step averages the
+    gradient over all ranks. train_policy False: the value loss only (no reward signal)."""
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
                                                      "clipfrac", "grad_norm")}
     for mb, weight, step in minibatches(len(batch["logprobs"]), rank_share, args.minibatch_size, args.epochs):
@@ -307,25 +320,45 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict
     return stats
 
 
+def init_agent(args: Args, device: torch.device) -> tuple[Args, ActorCritic, dict]:
+    """How the run starts, as nanoGPT's init_from -> (the flags it runs with, agent, trainer
+    state). A flag that contradicts a checkpoint is a one-line error, before anything loads."""
+    dtype = resolve_dtype(args.dtype, device)
+    if args.resume:  # this run's own checkpoint, continued: adapter, value head, optimizer, RNG
+        checkpoint = Path(args.output_dir) / args.exp_name / "checkpoint"
+        args = Args(**resume_flags(checkpoint, "ppo", vars(args)))  # not given: the run's own
+        agent, state = load_checkpoint(checkpoint, device, args.model_path, args.unnorm_key,
+                                       critic="saved", dtype=dtype, seed=args.seed)
+        return args, agent, state
+    if args.init_checkpoint is not None:  # another run's adapter (the SFT warm-up's), a new run
+        saved = check_init_checkpoint(args.init_checkpoint, args.lora_rank, args.lora_alpha, args.image_size)
+        # Its value head if it has one of the mode asked for, else a new one (a note says so).
+        agent, _ = load_checkpoint(args.init_checkpoint, device, args.model_path, args.unnorm_key,
+                                   critic=args.critic or saved["critic"] or "h0", dtype=dtype, seed=args.seed)
+        return args, agent, {}
+    # New LoRA adapters and value head on the base model (paper: rank 32, alpha 16, h0).
+    return args, build_agent(args.model_path, critic=args.critic or "h0", lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha, image_size=args.image_size, device=device,
+                             seed=args.seed, unnorm_key=args.unnorm_key, dtype=dtype), {}
+
+
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
     rank, world, device = init_distributed(args.device)
     seed_everything(args.seed + rank)  # each rank samples its own actions
     rank_share = rank_share_of_step(args.minibatch_size, args.grad_accum_steps, world)
-    agent, state = make_agent(args, device, "ppo", needs_critic=True, dtype=resolve_dtype(args.dtype, device))
+    args, agent, state = init_agent(args, device)
+    run_path = Path(args.output_dir) / args.exp_name
     # Two learning rates: the paper's value head learns 30x faster than the adapters.
-    optimizer = torch.optim.AdamW(
-        [{"params": agent.lora_parameters(), "lr": args.learning_rate},
-         {"params": agent.value_head_parameters(), "lr": args.value_learning_rate}],
-        eps=1e-5,
-    )
+    optimizer = torch.optim.AdamW([{"params": agent.lora_parameters(), "lr": args.learning_rate},
+                                   {"params": agent.value_head_parameters(), "lr": args.value_learning_rate}], eps=1e-5)
     # Episode ids: one generator, the same on every rank; each rank plays its slice of the draw.
     episode_rng = np.random.default_rng(args.seed)
     start_iteration, skipped = 0, 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rates too:
         for group, lr in zip(optimizer.param_groups, (args.learning_rate, args.value_learning_rate), strict=True):
-            group["lr"] = lr  # the flags' (make_agent printed any change)
+            group["lr"] = lr  # the flags' (resume_flags printed any change)
         restore_rng_state(state["rng"], rank, world)
         episode_rng.bit_generator.state = state["episode_rng"]
         start_iteration, skipped = state["iteration"], state["skipped_policy_steps"]
@@ -334,11 +367,17 @@ def main(args: Args) -> dict[str, float]:
                         max_episode_steps=args.max_episode_steps, env=args.env, render_device=str(device))
     loop = EpisodeLoop(envs, lambda: rank_slice(episode_rng.integers(0, MAX_EPISODE_ID, args.num_envs * world)))
     batch_size = args.num_envs * args.num_steps * world
-    writer = make_writer(run_dir(args), args, start_iteration * batch_size)  # None on ranks > 0
+    writer = make_writer(run_path, vars(args), start_iteration * batch_size, args.track,  # None on ranks > 0
+                         args.wandb_project_name, args.wandb_entity)
+    eval_ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))  # fixed
+    videos = run_path / "videos" if args.capture_video else None
     global_step = start_iteration * batch_size
-    metrics: dict[str, float] = {}
     bar = tqdm(range(start_iteration, args.total_iterations), desc="PPO", initial=start_iteration,
                total=args.total_iterations, disable=rank > 0)
+    metrics: dict[str, float] = {}
+    if args.eval_every > 0 and start_iteration == 0:  # the start, that every later evaluation compares with
+        metrics = evaluate_during_training(agent, envs, eval_ids, args.eval_temperature, "iteration 0", loop, videos)
+        log_scalars(writer, metrics, 0)
 
     for iteration in bar:
         # ------------------------------------------------------------ rollout
@@ -381,23 +420,19 @@ def main(args: Args) -> dict[str, float]:
         }
         last = iteration + 1 == args.total_iterations
         if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or last):
-            metrics.update(evaluate_during_training(agent, envs, args, loop))
-            if rank == 0:
-                bar.write(f"iteration {iteration + 1}: eval success {metrics['eval/success']:.3f}")
+            metrics.update(evaluate_during_training(agent, envs, eval_ids, args.eval_temperature,
+                                                    f"iteration {iteration + 1}", loop, videos))
         show_progress(bar, metrics)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
+        log_scalars(writer, metrics, global_step)
         if (iteration + 1) % args.save_every == 0 or last:
-            save_run(args, agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
-                                   "episode_rng": episode_rng.bit_generator.state,
-                                   "skipped_policy_steps": skipped, "algorithm": "ppo"})
+            save_run(run_path / "checkpoint", agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
+                     "episode_rng": episode_rng.bit_generator.state, "skipped_policy_steps": skipped,
+                     "algorithm": "ppo"}, vars(args))
 
     envs.close()
-    if writer is not None:
-        writer.close()
+    close_writer(writer)
     return metrics
 
 
 if __name__ == "__main__":
-    run_script(main, ARGS, "ppo")
+    run_script(main, ARGS, "ppo", Path(ARGS.output_dir) / ARGS.exp_name)

@@ -14,10 +14,9 @@ appendix; docs/PAPER_NOTES.md):
     python sft_warmup.py --model-path /weights/openvla-7b --num-demos 16384 --total-steps 60000 \\
         --no-image-aug --exp-name sft16k                          # the SFT-16k baseline
 
-Reads top to bottom: demonstrations (collected once into --demo-dir by demos.py and reused:
-`train` demos to learn from, the directory's fixed `heldout` demos to validate on), then
-training: cross-entropy on the 7 action tokens, validation, success rate with the policy in
-the loop, and a checkpoint every other script can load.
+Reads top to bottom: demonstrations (collected once into --demo-dir and reused: `train` to learn
+from, the fixed `heldout` to validate on), then cross-entropy on the 7 action tokens,
+validation, success rate with the policy in the loop, and a checkpoint every script can load.
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cli import (
-    PRETRAINED_TWIN,
     check_model_args,
     parse_cli,
     require_finite_positive,
     require_non_negative,
     require_positive,
 )
+from tasks import PRETRAINED_TWIN
 
 
 @dataclass
@@ -50,6 +49,14 @@ class Args:
     """weights' dtype: auto = bf16 on CUDA, fp32 on the CPU (bf16 on the CPU: inspection runs)"""
     resume: bool = False
     """continue a killed run from OUTPUT_DIR/EXP_NAME/checkpoint (step, optimizer, RNG)"""
+    track: bool = False
+    """also log the curves to Weights & Biases (pip install wandb; WANDB_MODE=offline works)"""
+    wandb_project_name: str = "cleanvla"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
+    capture_video: bool = False
+    """save videos of the first evaluation episodes at every evaluation, in OUTPUT_DIR/EXP_NAME/videos"""
     # --- model
     model_path: str | None = None
     """OpenVLA directory in the official layout (OpenVLA-7B, or the shipped pretrained tiny
@@ -152,20 +159,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from peft.helpers import disable_input_dtype_casting
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common import (
     ActorCritic,
+    build_agent,
     check_finite,
-    check_start_checkpoint,
-    evaluate_policy,
+    check_init_checkpoint,
+    close_writer,
+    evaluate_during_training,
     evaluation_episode_ids,
+    gather_objects,
     global_mean,
     init_distributed,
-    make_agent,
+    load_checkpoint,
+    log_scalars,
     make_writer,
     optimizer_step,
     peak_memory_gb,
@@ -173,7 +183,7 @@ from common import (
     rank_slice,
     resolve_dtype,
     restore_rng_state,
-    run_dir,
+    resume_flags,
     run_script,
     save_run,
     seed_everything,
@@ -216,13 +226,10 @@ def token_loss(agent: ActorCritic, images: np.ndarray, instructions: list[str], 
 
 
 def training_precision(agent: ActorCritic) -> contextlib.AbstractContextManager:
-    """The training forward's context. bf16 weights: autocast to bf16. peft keeps the adapters in
-    fp32 and casts each adapted layer's input to fp32, and that copy is what the backward keeps
-    (~2x the bf16 activations); under autocast peft's cast is switched off and the adapters compute
-    in bf16 (autocast rounds their fp32 weights, and the LoRA branch's output, to bf16: mixed
-    precision as usual, where peft computed the branch in fp32), so each input is saved once, in
-    bf16. Weights, gradients and AdamW state stay fp32; the loss is fp32 (logits .float()).
-    fp32 weights: nothing changes."""
+    """The training forward's context. bf16 weights: autocast to bf16, with peft's cast of each
+    adapted layer's input to fp32 switched off (that copy is what the backward keeps, ~2x the
+    bf16 activations): the adapters compute in bf16, mixed precision as usual. Weights,
+    gradients, AdamW state and the loss stay fp32. fp32 weights: nothing changes."""
     if agent.dtype != torch.bfloat16:
         return contextlib.nullcontext()
     context = contextlib.ExitStack()
@@ -256,22 +263,47 @@ def validate(agent: ActorCritic, frames: Frames, batch_size: int, loss_vocab: st
                                                                 np.concatenate(targets))}
 
 
+def check_start(args: Args, device: torch.device) -> Args:
+    """How the run starts (nanoGPT's init_from), checked before the demonstrations -> its flags."""
+    if args.resume:
+        return Args(**resume_flags(Path(args.output_dir) / args.exp_name / "checkpoint", "sft", vars(args)))
+    if args.init_checkpoint is not None:
+        check_init_checkpoint(args.init_checkpoint, args.lora_rank, args.lora_alpha, args.image_size)
+    return args
+
+
+def init_agent(args: Args, device: torch.device) -> tuple[ActorCritic, dict]:
+    """The agent check_start() chose -> (agent, trainer state); a checkpoint's value head is dropped."""
+    dtype = resolve_dtype(args.dtype, device)
+    if args.resume:  # this run's own checkpoint, continued: adapter, optimizer, RNG, step
+        return load_checkpoint(Path(args.output_dir) / args.exp_name / "checkpoint", device, args.model_path,
+                               args.unnorm_key, critic=None, dtype=dtype, seed=args.seed)
+    if args.init_checkpoint is not None:  # another run's adapter, a new run
+        agent, _ = load_checkpoint(args.init_checkpoint, device, args.model_path, args.unnorm_key,
+                                   critic=None, dtype=dtype, seed=args.seed)
+        return agent, {}
+    # New LoRA adapters on the base model (paper: rank 32, alpha 16).
+    return build_agent(args.model_path, critic=None, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha, image_size=args.image_size,
+                       device=device, seed=args.seed, unnorm_key=args.unnorm_key, dtype=dtype), {}
+
+
 def main(args: Args) -> dict[str, float]:
     # ---------------------------------------------------------------- set-up
     rank, world, device = init_distributed(args.device)
     if args.batch_size % world:  # the global batch is the recipe's: every rank takes an equal share
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
-    for what, path, kind in (("--model-path", args.model_path, "model"),
-                             ("--init-checkpoint", args.init_checkpoint, "checkpoint")):
-        if path is not None and not Path(path).is_dir():  # fail now, not after collecting demos
-            problem = f"is a file, not a {kind} directory" if Path(path).exists() else "does not exist"
-            raise FileNotFoundError(f"{what} {path} {problem}")
-    check_start_checkpoint(args, "sft")  # a checkpoint that contradicts the flags: also now
+    if args.model_path is not None and not Path(args.model_path).is_dir():  # now, not after the demos
+        problem = "is a file, not a model directory" if Path(args.model_path).exists() else "does not exist"
+        raise FileNotFoundError(f"--model-path {args.model_path} {problem}")
+    args = check_start(args, device)  # a checkpoint that contradicts the flags: also now
+    run_path = Path(args.output_dir) / args.exp_name
 
     # ---------------------------------------------------------------- demonstrations
     # Before the model: collecting needs none (--collect-only needs no GPU). Rank 0 collects.
-    image_size = planned_image_size(args)
+    image_size = planned_image_size(args.image_size, args.model_path,
+                                    run_path / "checkpoint" if args.resume else args.init_checkpoint)
     horizon = args.max_episode_steps or default_horizon(args.env)
     demo_dir = Path(args.demo_dir or f"demos/{args.env}-{args.split}-{image_size}px-seed{args.demo_seed}")
     wanted = {"train": args.num_demos, "heldout": args.val_demos}
@@ -285,7 +317,7 @@ def main(args: Args) -> dict[str, float]:
         return {"demos": float(len(records["train"]))}
 
     # ---------------------------------------------------------------- model, data
-    agent, state = make_agent(args, device, "sft", dtype=resolve_dtype(args.dtype, device))
+    agent, state = init_agent(args, device)
     if agent.image_size != image_size:
         raise ValueError(f"the model takes {agent.image_size}px images; pass --image-size {agent.image_size}")
     if args.resume and (state["demo_dir"], state["num_demos"]) != (str(demo_dir), args.num_demos):
@@ -308,7 +340,7 @@ def main(args: Args) -> dict[str, float]:
     start_step = 0
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])  # this restores the run's learning rate too:
-        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (make_agent printed any change)
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the flag's (resume_flags printed any change)
         restore_rng_state(state["rng"], rank, world)
         batch_rng.bit_generator.state = state["batch_rngs"][rank]
         start_step = state["step"]
@@ -316,7 +348,10 @@ def main(args: Args) -> dict[str, float]:
     if args.eval_every > 0:
         eval_envs = make_vec_env(args.split, min(args.num_envs, args.eval_episodes), agent.image_size,
                                  args.seed + rank, horizon, env=args.env, render_device=str(device))
-    writer = make_writer(run_dir(args), args, start_step)  # None on ranks > 0
+    writer = make_writer(run_path, vars(args), start_step, args.track,  # None on ranks > 0
+                         args.wandb_project_name, args.wandb_entity)
+    eval_ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))  # fixed
+    videos = run_path / "videos" if args.capture_video else None
     rank_batch = args.batch_size // world
     micro_batch = -(-rank_batch // args.grad_accum_steps)  # ceil
     metrics: dict[str, float] = {}
@@ -357,39 +392,29 @@ def main(args: Args) -> dict[str, float]:
         if len(val_frames) and (done % args.val_every == 0 or last):
             metrics.update({f"val/{k}": v for k, v in validate(agent, val_frames, 64, args.loss_vocab).items()})
         if eval_envs is not None and (done % args.eval_every == 0 or last):
-            agent.eval()
-            ids = rank_slice(evaluation_episode_ids(args.seed + 1, args.split, args.eval_episodes))
-            outcome = evaluate_policy(agent.as_policy(args.eval_temperature), eval_envs, ids)
-            metrics["eval/success"] = global_mean(outcome.success)
-            if rank == 0:
-                tqdm.write(f"step {done}: success rate {metrics['eval/success']:.3f} on {args.split}")
+            metrics.update(evaluate_during_training(agent, eval_envs, eval_ids, args.eval_temperature,
+                                                    f"step {done}", video_dir=videos))
         metrics["time/steps_per_s"] = (done - start_step) / (time.perf_counter() - t0)
         metrics["memory/peak_gb"] = peak_memory_gb(device)
         last_val_accuracy = metrics.get("val/token_accuracy", last_val_accuracy)  # shown until the next
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/token_accuracy']:.2f}",
                         val_acc=f"{last_val_accuracy:.2f}", refresh=False)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, done)
+        log_scalars(writer, metrics, done)
 
         # ------------------------------------------------------------ checkpoint
         if done % args.save_every == 0 or last:
-            batch_rngs: list = [None] * world
-            if world > 1:
-                dist.all_gather_object(batch_rngs, batch_rng.bit_generator.state)
-            else:
-                batch_rngs = [batch_rng.bit_generator.state]
-            save_run(args, agent, {"optimizer": optimizer.state_dict(), "step": done, "batch_rngs": batch_rngs,
-                                   "algorithm": "sft", "demo_dir": str(demo_dir), "num_demos": args.num_demos})
+            save_run(run_path / "checkpoint", agent, {
+                "optimizer": optimizer.state_dict(), "step": done, "algorithm": "sft",
+                "batch_rngs": gather_objects(batch_rng.bit_generator.state),
+                "demo_dir": str(demo_dir), "num_demos": args.num_demos}, vars(args))
 
     if eval_envs is not None:
         eval_envs.close()
-    if writer is not None:
-        writer.close()
+    close_writer(writer)
     if rank == 0:  # also logged as memory/peak_gb; on the CPU: the process's peak resident set
         tqdm.write(f"peak memory: {peak_memory_gb(device):.1f} GB ({device})")
     return metrics
 
 
 if __name__ == "__main__":
-    run_script(main, ARGS, "sft")
+    run_script(main, ARGS, "sft", Path(ARGS.output_dir) / ARGS.exp_name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,9 @@ SPLITS: dict[str, str] = {
 # of the robot data OpenVLA saw before the study (no asset of an OOD split appears in it).
 TWIN_ONLY_SPLITS = ("pretrain",)
 ENV_FAMILIES = ("maniskill", "twin")
+# The shipped pretrained tiny VLA of the twin (`make pretrain` regenerates it), in the official
+# OpenVLA layout: the base of the toy study, and of PPO's first run on a laptop.
+PRETRAINED_TWIN = str(Path(__file__).resolve().parent / "assets" / "tiny-openvla-twin")
 # Dynamic perturbations (paper: alpha 0.3 / 0.5): a pattern on the robot and object pixels,
 # or noise over the whole image, new at every step.
 TEXTURE_ALPHA = {"texture_weak": 0.3, "texture_strong": 0.5}

@@ -6,17 +6,20 @@ there is no GPU: it is refused at start-up, in one line too."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args, get_type_hints
 
 import pytest
 from conftest import assert_one_line_error, run_cli
 
+import cli
 import dpo_vla
 import evaluate_ood
 import grpo_vla
 import sft_warmup
 from common import run_script
+from tasks import PRETRAINED_TWIN
 
 TRAINING = ["sft_warmup.py", "ppo_vla.py", "grpo_vla.py", "dpo_vla.py"]
 SAMPLING = ["ppo_vla.py", "grpo_vla.py", "dpo_vla.py"]  # the ones with a rollout --temperature
@@ -31,7 +34,7 @@ def cases() -> list[tuple[str, list[str], str]]:
             (script, ["--num-envs", "0"], "--num-envs must be at least 1, got 0"),
             (script, ["--num-envs", "-1"], "--num-envs must be at least 1, got -1"),
             (script, ["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
-            (script, ["--split", "nope"], "unknown split 'nope' for --env maniskill; valid splits: ind,"),
+            (script, ["--env", "maniskill", "--split", "nope"], "unknown split 'nope' for --env maniskill; valid splits: ind,"),
             (script, ["--resume", "--init-checkpoint", "x"], "drop --init-checkpoint"),
         ]
     for script in SAMPLING:
@@ -169,14 +172,32 @@ def test_a_missing_gpu_is_one_line_from_the_command_line(tmp_path: Path) -> None
     # Knowing needs torch: refused at start-up, before any set-up. One subprocess (importing
     # torch takes seconds); the others in this process, through the same error handling
     # (run_script; evaluate_ood.py's own handler is run by test_evaluate.py's subprocess).
-    result = run_cli("ppo_vla.py", "--device", "cuda", "--output-dir", str(tmp_path), timeout=120)
+    result = run_cli("ppo_vla.py", "paper", "--device", "cuda", "--output-dir", str(tmp_path), timeout=120)
     assert result.returncode == 1
     assert_one_line_error(result, "error: --device cuda: this machine has no CUDA GPU")
     for module, algorithm in ((sft_warmup, "sft"), (grpo_vla, "grpo"), (dpo_vla, "dpo")):
         args = module.Args(device="cuda", output_dir=str(tmp_path))
         with pytest.raises(SystemExit) as info:
-            run_script(module.main, args, algorithm)
+            run_script(module.main, args, algorithm, tmp_path / args.exp_name)
         assert str(info.value.code).startswith("error: --device cuda: this machine has no CUDA GPU")
     with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):
         evaluate_ood.main(evaluate_ood.Args(checkpoint=["base"], device="cuda", output_dir=str(tmp_path / "eval")))
     assert not any(tmp_path.iterdir()), "nothing was written"
+
+
+def test_without_a_gpu_ppo_s_first_command_takes_the_laptop_recipe(monkeypatch, capsys) -> None:
+    import ppo_vla
+
+    argv = ["--epochs", "1", "--temperature", "1.0"]  # the README's first command
+    monkeypatch.setattr(cli, "nvidia_gpu_present", lambda: False)
+    args = cli.parse_cli(ppo_vla.Args, ppo_vla.check_args, ppo_vla.RECIPES, argv=argv, no_gpu_recipe="laptop")
+    assert args == replace(ppo_vla.RECIPES["laptop"][1], epochs=1, temperature=1.0)
+    assert (args.env, args.model_path) == ("twin", PRETRAINED_TWIN)
+    assert "no GPU here, so the 'laptop' recipe" in capsys.readouterr().err
+    # Named, a recipe is taken anywhere: `paper` gives the dataclass defaults on a laptop too.
+    args = cli.parse_cli(ppo_vla.Args, ppo_vla.check_args, ppo_vla.RECIPES, argv=["paper", *argv],
+                         no_gpu_recipe="laptop")
+    assert args == ppo_vla.Args() and capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "nvidia_gpu_present", lambda: True)  # a GPU machine: the paper's defaults
+    args = cli.parse_cli(ppo_vla.Args, ppo_vla.check_args, ppo_vla.RECIPES, argv=argv, no_gpu_recipe="laptop")
+    assert args == ppo_vla.Args() and capsys.readouterr().err == ""

@@ -1,5 +1,5 @@
 """Tests of common.py: the actor-critic (act / score_actions agreement, LoRA, critics, the frozen
-reference), make_agent (the one way from flags to an agent), the episode loop, checkpoints
+reference), each script's start-up (fresh, --init-checkpoint, --resume), the episode loop, checkpoints
 (atomic, strict, tidy) and the finite checks. Tiny preset at SIZE px, CPU, no download."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from conftest import (
 )
 from safetensors.torch import load_file, save_file
 
+import cli
 import common
 import dpo_vla
 import grpo_vla
@@ -38,7 +39,6 @@ from common import (
     build_agent,
     check_finite,
     load_checkpoint,
-    make_agent,
     save_checkpoint,
 )
 from envs import make_vec_env
@@ -252,10 +252,10 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_silent_cpu_run(tmp_path: 
     # The pinned wheel is a recent CUDA build: on an older driver torch sees no GPU, and "auto"
     # used to run the 7B on the CPU in fp32 without a word.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(common, "DEVICE_FILES", tmp_path)  # no /dev/nvidia0 here: nvidia-smi decides
+    monkeypatch.setattr(cli, "DEVICE_FILES", tmp_path)  # no /dev/nvidia0 here: nvidia-smi decides
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake_nvidia_smi(tmp_path, monkeypatch, works=True)
-    assert common.nvidia_gpu_present()
+    assert cli.nvidia_gpu_present()
     for name in ("auto", "cuda", "cuda:0"):
         with pytest.raises(ValueError, match="has an NVIDIA GPU but torch .* cannot use it.*--device cpu"):
             common.resolve_device(name)
@@ -264,11 +264,11 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_silent_cpu_run(tmp_path: 
     assert common.resolve_device("auto") == CPU
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     fake_nvidia_smi(tmp_path, monkeypatch, works=False)  # a broken driver: no usable GPU either way
-    assert not common.nvidia_gpu_present()
+    assert not cli.nvidia_gpu_present()
     assert common.resolve_device("auto") == CPU
     (tmp_path / "nvidia0").touch()  # the driver's device file: a GPU this process can open
     (tmp_path / "nvidiactl").touch()
-    assert common.nvidia_gpu_present()
+    assert cli.nvidia_gpu_present()
 
 
 def test_device_names_torch_does_not_know_are_one_line_errors() -> None:
@@ -329,7 +329,15 @@ def test_a_run_resumes_on_a_host_with_another_number_of_gpus(monkeypatch: pytest
     assert len(calls) == 1 and torch.equal(calls[0][1], torch.tensor([0], dtype=torch.uint8))
 
 
-# ---------------------------------------------------------------------------- make_agent
+# ---------------------------------------------------------------------------- how a run starts
+
+
+def start(module, args) -> tuple:
+    """A script's own start-up, as its main() runs it -> (its flags, agent, trainer state)."""
+    if module is sft_warmup:
+        args = sft_warmup.check_start(args, CPU)
+        return (args, *sft_warmup.init_agent(args, CPU))
+    return module.init_agent(args, CPU)
 
 
 def script_args(module, tmp_path: Path, **overrides):
@@ -345,14 +353,13 @@ def lora_state(agent: common.ActorCritic) -> dict[str, torch.Tensor]:
 
 
 def test_fresh_agents_follow_the_flags(tmp_path: Path) -> None:
-    agent, state = make_agent(script_args(ppo_vla, tmp_path, image_size=SIZE, lora_rank=8, critic="last"),
-                              CPU, "ppo", needs_critic=True)
+    agent, state = start(ppo_vla, script_args(ppo_vla, tmp_path, image_size=SIZE, lora_rank=8, critic="last"))[1:]
     assert state == {} and agent.image_size == SIZE and agent.critic_mode == "last"
     assert agent.lora_config.r == 8 and agent.lora_config.lora_alpha == common.DEFAULT_LORA_ALPHA
-    default, _ = make_agent(script_args(ppo_vla, tmp_path, image_size=SIZE), CPU, "ppo", needs_critic=True)
+    default, _ = start(ppo_vla, script_args(ppo_vla, tmp_path, image_size=SIZE))[1:]
     assert default.critic_mode == "h0" and default.lora_config.r == common.DEFAULT_LORA_RANK
     for module, algorithm in ((grpo_vla, "grpo"), (dpo_vla, "dpo"), (sft_warmup, "sft")):
-        agent, _ = make_agent(script_args(module, tmp_path, image_size=SIZE), CPU, algorithm)
+        agent, _ = start(module, script_args(module, tmp_path, image_size=SIZE))[1:]
         assert agent.value_head is None and agent.critic_model is None, algorithm
 
 
@@ -363,13 +370,12 @@ def test_init_checkpoint_refuses_a_contradicting_architecture_flag(tmp_path: Pat
     checkpoint = save_trained_checkpoint(tmp_path / "sft" / "checkpoint", "sft")
     args = script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), **{flag: value})
     with pytest.raises(CheckpointError) as info:
-        make_agent(args, CPU, "ppo", needs_critic=True)
+        start(ppo_vla, args)[1:]
     message = str(info.value)
     assert f"--{flag.replace('_', '-')} {value} (checkpoint: {saved})" in message
     assert "--init-checkpoint" in message and "\n" not in message
     # The same flag with the checkpoint's own value is fine.
-    agent, _ = make_agent(script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), **{flag: saved}),
-                          CPU, "ppo", needs_critic=True)
+    agent, _ = start(ppo_vla, script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), **{flag: saved}))[1:]
     assert agent.image_size == SIZE
 
 
@@ -377,7 +383,7 @@ def test_the_script_reports_a_contradicting_flag_in_one_line(tmp_path: Path) -> 
     checkpoint = save_trained_checkpoint(tmp_path / "sft" / "checkpoint", "sft")
     args = script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), lora_rank=8, lora_alpha=8)
     with pytest.raises(SystemExit) as info:
-        common.run_script(ppo_vla.main, args, "ppo")
+        common.run_script(ppo_vla.main, args, "ppo", tmp_path / "runs" / "run")
     message = str(info.value.code)
     assert message.startswith("error: --lora-rank 8 (checkpoint: 32), --lora-alpha 8 (checkpoint: 16)")
     assert "\n" not in message
@@ -387,8 +393,7 @@ def test_the_script_reports_a_contradicting_flag_in_one_line(tmp_path: Path) -> 
 def test_init_checkpoint_takes_the_adapter_and_the_architecture(tmp_path: Path) -> None:
     checkpoint = save_trained_checkpoint(tmp_path / "ppo" / "checkpoint", "ppo", critic="h0", lora_rank=8)
     saved, _ = load_checkpoint(checkpoint)
-    agent, state = make_agent(script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint)),
-                              CPU, "ppo", needs_critic=True)
+    agent, state = start(ppo_vla, script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint)))[1:]
     assert state == {}, "a new run: no optimizer, iteration or RNG from the checkpoint"
     assert agent.lora_config.r == 8 and agent.image_size == SIZE and agent.critic_mode == "h0"
     for (name, p), q in zip(lora_state(agent).items(), lora_state(saved).values(), strict=True):
@@ -402,7 +407,7 @@ def test_critic_free_algorithms_drop_a_separate_critic(tmp_path: Path, module, a
     checkpoint = save_trained_checkpoint(tmp_path / "ppo" / "checkpoint", "ppo", critic="separate")
     saved, _ = load_checkpoint(checkpoint)
     assert saved.critic_model is not None
-    agent, _ = make_agent(script_args(module, tmp_path, init_checkpoint=str(checkpoint)), CPU, algorithm)
+    agent, _ = start(module, script_args(module, tmp_path, init_checkpoint=str(checkpoint)))[1:]
     assert agent.value_head is None and agent.critic_model is None and agent.critic_mode is None
     # No second backbone: as many weights as a fresh critic-free agent.
     fresh = tiny_agent(critic=None, perturbed=False)
@@ -413,23 +418,20 @@ def test_critic_free_algorithms_drop_a_separate_critic(tmp_path: Path, module, a
 
 def test_ppo_from_an_sft_checkpoint_gets_a_new_value_head_and_says_so(tmp_path: Path, capsys) -> None:
     checkpoint = save_trained_checkpoint(tmp_path / "sft" / "checkpoint", "sft", critic=None)
-    agent, _ = make_agent(script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint)),
-                          CPU, "ppo", needs_critic=True)
+    agent, _ = start(ppo_vla, script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint)))[1:]
     assert agent.critic_mode == "h0" and agent.value_head is not None
     err = capsys.readouterr().err
     assert err.startswith("note:") and "no value head" in err and "'h0'" in err
     # A fresh head, drawn from --seed as a fresh agent's is.
     for seed in (0, 1):
-        agent, _ = make_agent(script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), seed=seed),
-                              CPU, "ppo", needs_critic=True)
+        agent, _ = start(ppo_vla, script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), seed=seed))[1:]
         fresh = build_agent(image_size=SIZE, critic="h0", seed=seed)
         for p, q in zip(agent.value_head_parameters(), fresh.value_head_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
     capsys.readouterr()
     # Another mode than the checkpoint's: a new head too.
     checkpoint = save_trained_checkpoint(tmp_path / "ppo" / "checkpoint", "ppo", critic="h0")
-    agent, _ = make_agent(script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), critic="concat"),
-                          CPU, "ppo", needs_critic=True)
+    agent, _ = start(ppo_vla, script_args(ppo_vla, tmp_path, init_checkpoint=str(checkpoint), critic="concat"))[1:]
     assert agent.critic_mode == "concat"
     assert "has a 'h0' value head; a new 'concat' value head" in capsys.readouterr().err
 
@@ -442,7 +444,7 @@ def run_checkpoint(tmp_path: Path, algorithm: str, critic: str | None) -> Path:
 def test_resume_continues_exactly_and_refuses_other_flags(tmp_path: Path) -> None:
     run_checkpoint(tmp_path, "ppo", "h0")
     saved, _ = load_checkpoint(tmp_path / "runs" / "run" / "checkpoint")
-    agent, state = make_agent(script_args(ppo_vla, tmp_path, resume=True), CPU, "ppo", needs_critic=True)
+    agent, state = start(ppo_vla, script_args(ppo_vla, tmp_path, resume=True))[1:]
     assert state["iteration"] == 1 and agent.critic_mode == "h0"
     for p, q in zip(agent.trainable_parameters(), saved.trainable_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -450,7 +452,7 @@ def test_resume_continues_exactly_and_refuses_other_flags(tmp_path: Path) -> Non
                                 ({"lora_rank": 4}, "--lora-rank 4 (checkpoint: 32)"),
                                 ({"image_size": 2 * SIZE}, f"--image-size {2 * SIZE} (checkpoint: {SIZE})")):
         with pytest.raises(CheckpointError, match="the run to resume") as info:
-            make_agent(script_args(ppo_vla, tmp_path, resume=True, **overrides), CPU, "ppo", needs_critic=True)
+            start(ppo_vla, script_args(ppo_vla, tmp_path, resume=True, **overrides))[1:]
         assert expected in str(info.value) and "\n" not in str(info.value)
 
 
@@ -458,26 +460,27 @@ def test_resume_continues_exactly_and_refuses_other_flags(tmp_path: Path) -> Non
 def test_resume_refuses_another_algorithms_checkpoint(tmp_path: Path, module, algorithm: str) -> None:
     run_checkpoint(tmp_path, "ppo", "h0")
     with pytest.raises(CheckpointError) as info:
-        make_agent(script_args(module, tmp_path, resume=True), CPU, algorithm)
+        start(module, script_args(module, tmp_path, resume=True))[1:]
     message = str(info.value)
     assert f"is a ppo checkpoint, not {algorithm}" in message and "\n" not in message
     with pytest.raises(SystemExit) as exit_info:  # and the script says so in one line
-        common.run_script(module.main, script_args(module, tmp_path, resume=True), algorithm)
+        common.run_script(module.main, script_args(module, tmp_path, resume=True), algorithm,
+                          tmp_path / "runs" / "run")
     assert str(exit_info.value.code) == f"error: {message}"
     assert not (tmp_path / "demos").exists(), "refused before any slow set-up (SFT's demonstrations)"
 
 
 def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist") as info:
-        make_agent(script_args(ppo_vla, tmp_path, resume=True), CPU, "ppo", needs_critic=True)
+        start(ppo_vla, script_args(ppo_vla, tmp_path, resume=True))[1:]
     assert str(tmp_path / "runs" / "run" / "checkpoint") in str(info.value)
 
 
 def test_planned_image_size_reads_flags_and_json_only(tmp_path: Path) -> None:
     checkpoint = save_trained_checkpoint(tmp_path / "sft" / "checkpoint", "sft")
-    assert common.planned_image_size(script_args(sft_warmup, tmp_path, init_checkpoint=str(checkpoint))) == SIZE
-    assert common.planned_image_size(script_args(sft_warmup, tmp_path, image_size=112)) == 112
-    assert common.planned_image_size(script_args(sft_warmup, tmp_path)) == TINY_IMAGE_SIZE  # the tiny default
+    assert common.planned_image_size(None, None, checkpoint) == SIZE
+    assert common.planned_image_size(112, None, checkpoint) == 112
+    assert common.planned_image_size(None, None) == TINY_IMAGE_SIZE  # the tiny default
 
 
 # ---------------------------------------------------------------------------- the episode loop

@@ -205,7 +205,8 @@ def test_the_backend_follows_the_device_not_the_machine() -> None:
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_within_seconds(tmp_path: Path) -> None:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "ppo_vla.py", "--env", "twin", "--device", "cpu", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "4",
+           "ppo_vla.py", "paper", "--env", "twin", "--device", "cpu", "--image-size", str(SIZE), "--num-envs", "2",
+           "--num-steps", "4",
            "--minibatch-size", "8", "--grad-accum-steps", "1", "--total-iterations", "1000",
            "--save-every", "1", "--eval-every", "0", "--output-dir", str(tmp_path), "--exp-name", "run"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

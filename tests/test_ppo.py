@@ -208,7 +208,7 @@ def test_an_evaluation_between_iterations_restarts_the_episodes(tmp_path: Path, 
                                      eval_episodes=2, total_iterations=2, save_every=100))
     first, second = loops[0].ids
     assert not (first == second).any(), "iteration 2 did not continue iteration 1's episodes"
-    assert len(scalars(tmp_path / "twin", "eval/success")) == 2 and 0 <= metrics["eval/success"] <= 1
+    assert len(scalars(tmp_path / "twin", "eval/success")) == 3 and 0 <= metrics["eval/success"] <= 1  # and the start
 
 
 def test_a_batch_of_equal_rewards_trains_only_the_critic(tmp_path: Path) -> None:
@@ -313,7 +313,7 @@ def test_a_resumed_run_logs_one_point_per_iteration(tmp_path: Path, monkeypatch)
 
 def test_divergence_in_iteration_2_stops_with_one_line_and_keeps_iteration_1(tmp_path: Path) -> None:
     # One optimizer step per iteration; at lr 1e6 the value head's second step overflows.
-    result = run_cli("ppo_vla.py", "--env", "twin", "--image-size", str(SIZE), "--num-envs", "2",
+    result = run_cli("ppo_vla.py", "paper", "--env", "twin", "--image-size", str(SIZE), "--num-envs", "2",
                      "--num-steps", "10", "--minibatch-size", "20", "--grad-accum-steps", "1",
                      "--total-iterations", "5", "--eval-every", "0", "--save-every", "1",
                      "--value-learning-rate", "1e6", "--device", "cpu", "--output-dir", str(tmp_path),
@@ -336,7 +336,7 @@ def test_a_policy_that_diverged_is_caught_in_the_next_rollout(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    flags = ["--env", "twin", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "5",
+    flags = ["paper", "--env", "twin", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "5",
              "--minibatch-size", "10", "--grad-accum-steps", "1", "--save-every", "1",
              "--eval-every", "0", "--device", "cpu", "--output-dir", str(tmp_path), "--exp-name", "killed"]
     proc = subprocess.Popen([sys.executable, "ppo_vla.py", *flags, "--total-iterations", "1000"], cwd=REPO,

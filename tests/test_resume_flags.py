@@ -15,7 +15,7 @@ import ppo_vla
 import sft_warmup
 from common import CheckpointError, load_checkpoint, run_script
 
-PPO_FLAGS = ["--env", "twin", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "10",
+PPO_FLAGS = ["paper", "--env", "twin", "--image-size", str(SIZE), "--num-envs", "2", "--num-steps", "10",
              "--minibatch-size", "10", "--grad-accum-steps", "1", "--total-iterations", "1",
              "--eval-every", "0", "--save-every", "1", "--device", "cpu", "--exp-name", "twin"]
 
@@ -140,7 +140,7 @@ def test_a_file_given_as_a_checkpoint_is_not_reported_missing(tmp_path: Path) ->
     result = run_cli("ppo_vla.py", *PPO_FLAGS, "--output-dir", str(tmp_path), "--init-checkpoint", str(file))
     assert_one_line_error(result, f"--init-checkpoint {file} is a file, not a checkpoint directory")
     with pytest.raises(SystemExit) as info:  # SFT checks it before collecting demonstrations
-        run_script(sft_warmup.main, sft_args(tmp_path, init_checkpoint=str(file)), "sft")
+        run_script(sft_warmup.main, sft_args(tmp_path, init_checkpoint=str(file)), "sft", tmp_path)
     assert str(info.value.code) == f"error: --init-checkpoint {file} is a file, not a checkpoint directory"
     assert not (tmp_path / "demos").exists()
     args = evaluate_ood.Args(checkpoint=[str(file)], env="twin", splits=("ind",), episodes=2, seeds=(0,),

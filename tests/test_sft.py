@@ -96,7 +96,7 @@ def test_a_run_on_the_twin_validates_evaluates_and_saves(tmp_path: Path) -> None
 
 
 def test_collect_only_builds_no_model(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(sft_warmup, "make_agent", lambda *a, **kw: pytest.fail("built a model"))
+    monkeypatch.setattr(sft_warmup, "init_agent", lambda *a, **kw: pytest.fail("built a model"))
     assert sft_warmup.main(twin_args(tmp_path, collect_only=True)) == {"demos": 8.0}
     assert len(list((tmp_path / "demos").glob("train-*.h5"))) == 2
     assert not (tmp_path / "runs").exists()
@@ -144,7 +144,7 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
     for overrides, expected in (({"init_checkpoint": str(tmp_path / "nowhere")}, "does not exist"),
                                 ({"model_path": str(tmp_path / "nowhere")}, "--model-path")):
         with pytest.raises(SystemExit) as info:
-            run_script(sft_warmup.main, twin_args(tmp_path, **overrides), "sft")
+            run_script(sft_warmup.main, twin_args(tmp_path, **overrides), "sft", tmp_path)
         message = str(info.value.code)
         assert message.startswith("error:") and expected in message and "\n" not in message
 
