@@ -27,7 +27,7 @@ def run(ranks: int, args: argparse.Namespace, out: Path) -> float:
     """Env-steps/s of PPO iterations 2..K with `ranks` processes."""
     launcher = [sys.executable] if ranks == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = [*launcher, "ppo_vla.py", "--env", "twin", "--num-envs", str(args.num_envs), "--num-steps",
+    cmd = [*launcher, "ppo_vla.py", "paper", "--env", "twin", "--num-envs", str(args.num_envs), "--num-steps",
            str(args.num_steps), "--total-iterations", str(args.iterations), "--minibatch-size", "32",
            "--grad-accum-steps", "4", "--eval-every", "0", "--save-every", str(args.iterations),
            "--output-dir", str(out), "--exp-name", f"ranks{ranks}"]

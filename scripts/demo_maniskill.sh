@@ -27,8 +27,8 @@ stage "1/4 expert demonstrations + SFT warm-up (the paper's 140-demo warm-up, at
   --num-demos 16 --val-demos 4 --num-envs 2 --total-steps 150 --val-every 50 \
   --eval-every 0 --save-every 50 --eval-temperature 0.6
 
-stage "2/4 PPO from the warm-up (python ppo_vla.py --epochs 1 --temperature 1.0, 4 iterations)"
-"$PY" ppo_vla.py --output-dir "$RUNS" --exp-name ppo --epochs 1 --temperature 1.0 \
+stage "2/4 PPO from the warm-up (python ppo_vla.py paper --epochs 1 --temperature 1.0, 4 iterations)"
+"$PY" ppo_vla.py paper --output-dir "$RUNS" --exp-name ppo --epochs 1 --temperature 1.0 \
   --init-checkpoint "$RUNS/sft_warmup/checkpoint" --num-envs 4 --num-steps 80 \
   --total-iterations 4 --grad-accum-steps 4 --eval-every 0 --save-every 1
 
