@@ -1121,11 +1121,13 @@ def evaluate_during_training(agent: ActorCritic, envs: Any, episode_ids: np.ndar
     script's rank_slice of evaluation_episode_ids), sampled at `temperature`; rank 0 prints
     "LABEL: eval success x" (e.g. "iteration 3"). The evaluation resets the envs: `loop`
     restarts. video_dir (--capture-video): rank 0 saves its first VIDEOS_PER_EVALUATION
-    episodes in video_dir/LABEL."""
+    episodes in video_dir/LABEL. Its samples come from a fork of torch's generators: how often a
+    run is evaluated does not change what it trains on."""
     agent.eval()
     rank = world_info()[0]
     videos = VIDEOS_PER_EVALUATION if video_dir is not None and rank == 0 else 0
-    outcome = evaluate_policy(agent.as_policy(temperature), envs, episode_ids, videos)
+    with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
+        outcome = evaluate_policy(agent.as_policy(temperature), envs, episode_ids, videos)
     if video_dir is not None:
         save_videos(outcome, video_dir / label.replace(" ", "_"))
     if loop is not None:

@@ -84,8 +84,8 @@ def test_the_first_command_learns_on_a_laptop_within_minutes(tmp_path: Path) -> 
     # The README's first command, as typed: no GPU here, so ppo_vla.py takes its `laptop` recipe
     # (the twin from the shipped pretrained tiny VLA, 12 iterations of 64 envs x 30 steps, the
     # paper's --epochs 1 --temperature 1.0). Measured on this 2-core machine, one process
-    # (2026-12-02): 4 min 13 s; eval success at iterations 0, 3, 6, 9, 12 (128 episodes at 0.6):
-    # 0.609, 0.727, 0.711, 0.766, 0.844.
+    # (2026-12-02): 4 min 11 s; eval success at iterations 0, 3, 6, 9, 12 (128 episodes at 0.6):
+    # 0.609, 0.625, 0.719, 0.789, 0.844.
     result = subprocess.run([sys.executable, "ppo_vla.py", "--epochs", "1", "--temperature", "1.0",
                              "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})

@@ -373,3 +373,15 @@ def test_short_run_on_maniskill_writes_logs_and_a_loadable_checkpoint(tmp_path: 
     assert state["iteration"] == 1 and state["algorithm"] == "ppo"
     assert math.isfinite(scalars(tmp_path / "sim", "losses/value_loss")[0])
     assert np.isfinite(metrics["rollout/episodic_return"])
+
+
+def test_evaluating_does_not_change_what_a_run_trains_on(tmp_path: Path) -> None:
+    # Episodes of exactly one iteration (an evaluation's env reset cuts none short): a run
+    # evaluated before and after every iteration trains the same weights as one never evaluated.
+    flags = dict(num_steps=10, max_episode_steps=10, total_iterations=2, eval_episodes=2, save_every=100)
+    ppo_vla.main(twin_args(tmp_path / "quiet", eval_every=0, **flags))
+    ppo_vla.main(twin_args(tmp_path / "evaluated", eval_every=1, **flags))
+    assert len(scalars(tmp_path / "evaluated" / "twin", "eval/success")) == 3
+    quiet, evaluated = adapter(tmp_path / "quiet" / "twin"), adapter(tmp_path / "evaluated" / "twin")
+    for name, weight in quiet.items():
+        torch.testing.assert_close(evaluated[name], weight, rtol=0, atol=0, msg=name)
