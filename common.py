@@ -632,6 +632,18 @@ def evaluation_episode_ids(seed: int, split: str, count: int) -> np.ndarray:
     return rng.integers(0, MAX_EPISODE_ID, size=count)
 
 
+# Calibration ids lie above every id drawn for training or evaluation ([0, MAX_EPISODE_ID)):
+# disjoint by construction (docs/STUDY_PROTOCOL.md, section 3).
+CALIBRATION_ID_OFFSET = 2**31
+
+
+def calibration_episode_ids(split: str, count: int) -> np.ndarray:
+    """The episode ids the study's base and warm-up are calibrated on: no evaluation, demo or
+    RL episode ever uses one, so tuning against them leaves the study's numbers untouched."""
+    rng = np.random.default_rng([zlib.crc32(b"calibration"), zlib.crc32(split.encode())])
+    return CALIBRATION_ID_OFFSET + rng.integers(0, MAX_EPISODE_ID, size=count)
+
+
 @dataclass
 class EpisodeOutcomes:
     """The episodes of one evaluation; arrays of length len(episode_ids)."""

@@ -225,6 +225,7 @@ plate bowl cup mug carrot eggplant spoon fork knife banana apple orange lemon pe
 strawberry tomato potato corn bread cube block can bottle sponge towel basket box tray pot pan
 sink table drawer shelf cloth coke pepsi sprite ball toy object target square receptacle
 red green blue yellow white black purple pink brown gray grey
+lay get could you please triangle cross diamond
 """.split()
 
 

@@ -38,6 +38,9 @@ class Args:
     """where the resumable training state and TensorBoard logs go"""
     resume: bool = False
     """continue an interrupted pretraining from RUN_DIR/state.pt"""
+    split: str = "pretrain"
+    """the twin's pretraining split: `pretrain` (the shipped model's) or `pretrain_broad` (every
+    OOD factor, none of the exact OOD combinations: docs/STUDY_PROTOCOL.md)"""
     first_cycle_model: str | None = None
     """skip the first cycle: start the second from this model directory, written by a run of the
     first cycle alone (--receptacle-steps 0 --receptacle-mix-steps 0) on the same demonstrations"""
@@ -104,6 +107,8 @@ def check_args(args: Args) -> None:
     for name in ("grounding_steps", "receptacle_steps", "receptacle_mix_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.split not in ("pretrain", "pretrain_broad"):
+        raise ValueError(f"--split must be pretrain or pretrain_broad, got {args.split!r}")
     if not 0.0 <= args.grounding_share < 1.0:
         raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
@@ -186,7 +191,7 @@ def learning_rate_at(step: int, args: Args) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.ndarray:
+def grounding_frames(records: list[dict], window: int, carry_window: int, split: str = "pretrain") -> np.ndarray:
     """Indices of the frames where only the instruction's names tell the expert's move: the first
     WINDOW steps of a two-object scene (towards the named one, before its grasp, the first close:
     action[6] < 0) and the first CARRY_WINDOW steps that carry it closed in a two-receptacle scene.
@@ -197,7 +202,7 @@ def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.
     when the other frames join (docs/PRETRAINING.md)."""
     chosen, start = [], 0
     for record in records:
-        episode, closed = decode_episode("pretrain", record["episode_seed"]), record["actions"][:, 6] < 0
+        episode, closed = decode_episode(split, record["episode_seed"]), record["actions"][:, 6] < 0
         grasp = int(np.argmax(closed)) if closed.any() else len(closed)
         steps = np.arange(len(closed))
         picks = (len(episode.objects) > 1) & (steps < min(grasp, window))
@@ -207,7 +212,8 @@ def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.
     return np.concatenate(chosen)
 
 
-def receptacle_pairs(episode_ids: np.ndarray, image_size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+def receptacle_pairs(episode_ids: np.ndarray, image_size: int,
+                     split: str = "pretrain") -> tuple[np.ndarray, list[str], np.ndarray]:
     """The expert replayed from these episodes' initial states: every frame that carries the
     target closed in a two-receptacle scene, twice: as demonstrated, and as its twin, the same
     image with the other receptacle named and the expert's move towards that one.
@@ -216,10 +222,10 @@ def receptacle_pairs(episode_ids: np.ndarray, image_size: int) -> tuple[np.ndarr
     On the demonstrated carrying frames a carry that ignores the name is already right in 79% of
     those where the name decides (the first cycle's model, measured), and the model never learns
     to read it; among the pairs any such guess is right half the time (docs/PRETRAINING.md)."""
-    ids = np.array([i for i in episode_ids if len(decode_episode("pretrain", int(i)).receptacles) > 1])
+    ids = np.array([i for i in episode_ids if len(decode_episode(split, int(i)).receptacles) > 1])
     images, instructions, actions = [], [], []
     for start in range(0, len(ids), 64):
-        envs = make_vec_env("pretrain", len(ids[start:start + 64]), image_size, env="twin")
+        envs = make_vec_env(split, len(ids[start:start + 64]), image_size, env="twin")
         obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
         for _ in range(envs.max_episode_steps):
             expert, target_xy = envs.expert_action(), envs.receptacle_xy
@@ -252,11 +258,11 @@ def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: in
 
 
 def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, float]:
-    """Held-out success at temperature 0.6 on `pretrain` and `multi_object_seen` (where the
-    instruction decides which of two objects to move: chance is at most 50%)."""
+    """Held-out success at temperature 0.6 on the pretraining split and `multi_object_seen` (where
+    the instruction decides which of two objects to move: chance is at most 50%)."""
     agent = ActorCritic(vla, tokenizer, stats, model_path=None, base_fingerprint="", critic=None)
     rates = {}
-    for split in ("pretrain", "multi_object_seen"):
+    for split in (args.split, "multi_object_seen"):
         envs = make_vec_env(split, 64, args.image_size, seed=1, env="twin")
         ids = evaluation_episode_ids(1, split, args.eval_episodes)
         rates[split] = evaluate_policy(agent.as_policy(0.6), envs, ids).success_rate
@@ -275,10 +281,10 @@ def main(args: Args) -> dict[str, float]:
     wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
     settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=args.keep_success_steps)
     if rank == 0:  # rank 0 collects, the others read what it wrote
-        ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
+        ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size, default_horizon("twin"),
                      **settings)
     wait_for_rank_zero()
-    records = ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size,
+    records = ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size,
                            default_horizon("twin"), **settings)
     frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()
     stats = NormStats(q01=np.quantile(frames.actions, 0.01, axis=0), q99=np.quantile(frames.actions, 0.99, axis=0))
@@ -287,21 +293,21 @@ def main(args: Args) -> dict[str, float]:
     vla.train()
     action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
     tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
-    grounding = grounding_frames(records["train"], args.grounding_window, args.carry_window)  # [G] frame indices
+    grounding = grounding_frames(records["train"], args.grounding_window, args.carry_window, args.split)  # [G]
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
     heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
     second_cycle = total_steps(args) > args.base_steps
     seeds = np.array([r["episode_seed"] for r in records["train"]] if second_cycle else [], dtype=np.int64)
-    pair_images, pair_texts, pair_actions = receptacle_pairs(seeds, args.image_size)  # none without a second cycle
+    pair_images, pair_texts, pair_actions = receptacle_pairs(seeds, args.image_size, args.split)  # none without a 2nd cycle
     if not len(pair_actions) and second_cycle:
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second cycle: "
                  "raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
     pairs = len(frames) + np.arange(len(pair_actions))  # [2P] indices past the demonstrations' frames
     # The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
     # receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames.
-    receptacle_set = np.concatenate([grounding_frames(records["train"], args.grounding_window, 0), pairs])
+    receptacle_set = np.concatenate([grounding_frames(records["train"], args.grounding_window, 0, args.split), pairs])
     tokens = np.concatenate([tokens, action_tokenizer.encode(stats.normalize(pair_actions))])
 
     def batch_of(index: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -363,8 +369,8 @@ def main(args: Args) -> dict[str, float]:
             metrics["val/loss"] = val_loss.item()
             metrics.update({f"eval/{k}": v for k, v in success_rates(vla, tokenizer, stats, args).items()})
             vla.train()
-            tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success pretrain "
-                       f"{metrics['eval/pretrain']:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
+            tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success {args.split} "
+                       f"{metrics['eval/' + args.split]:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, done)

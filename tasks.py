@@ -40,7 +40,9 @@ SPLITS: dict[str, str] = {
 }
 # Splits of the twin alone: `pretrain` is the data the tiny VLA is pretrained on, the analogue
 # of the robot data OpenVLA saw before the study (no asset of an OOD split appears in it).
-TWIN_ONLY_SPLITS = ("pretrain",)
+# `pretrain_broad` is the broad pretraining of docs/STUDY_PROTOCOL.md (every OOD factor, none of the
+# exact OOD combinations); it becomes `pretrain` when a base pretrained on it is shipped.
+TWIN_ONLY_SPLITS = ("pretrain", "pretrain_broad")
 ENV_FAMILIES = ("maniskill", "twin")
 # The shipped pretrained tiny VLA of the twin (`make pretrain` regenerates it), in the official
 # OpenVLA layout: the base of the toy study, and of PPO's first run on a laptop.
@@ -51,27 +53,32 @@ TEXTURE_ALPHA = {"texture_weak": 0.3, "texture_strong": 0.5}
 NOISE_ALPHA = {"noise_weak": 0.3, "noise_strong": 0.5}
 MAX_EPISODE_ID = 2**31 - 1  # episode ids are drawn from [0, MAX_EPISODE_ID)
 
-# Instructions: one template in training, 16 paraphrases for `unseen_instructions`.
-TRAIN_TEMPLATE = "put {object} on {receptacle}"
-UNSEEN_TEMPLATES = (
-    "place the {object} onto the {receptacle}",
-    "move the {object} to the {receptacle}",
-    "pick up the {object} and put it on the {receptacle}",
-    "set the {object} on top of the {receptacle}",
-    "could you put the {object} on the {receptacle}",
-    "transfer the {object} onto the {receptacle}",
-    "grab the {object} and place it on the {receptacle}",
-    "lay the {object} on the {receptacle}",
-    "the {object} goes on the {receptacle}",
-    "drop the {object} onto the {receptacle}",
-    "get the {object} onto the {receptacle}",
-    "I want the {object} on the {receptacle}",
-    "position the {object} on the {receptacle}",
-    "put the {object} down on the {receptacle}",
-    "rest the {object} on the {receptacle}",
-    "bring the {object} over to the {receptacle}",
+# Instructions: templates are (verb, frame) pairs. `ind` uses one, "put {object} on {receptacle}";
+# `unseen_instructions` uses 16 held-out pairs; the twin's broad pretraining every other pair, so
+# it has seen every verb and every frame, but never a held-out combination (docs/STUDY_PROTOCOL.md).
+VERBS = ("put", "place", "move", "set", "lay", "drop", "bring", "get")
+FRAMES = (
+    "{verb} {object} on {receptacle}",
+    "{verb} the {object} onto the {receptacle}",
+    "{verb} the {object} on top of the {receptacle}",
+    "pick up the {object} and {verb} it on the {receptacle}",
+    "on the {receptacle} {verb} the {object}",
+    "could you {verb} the {object} on the {receptacle}",
+    "please {verb} the {object} down on the {receptacle}",
+    "{verb} to the {receptacle} the {object}",
 )
 
+
+def template(verb: int, frame: int) -> str:
+    return FRAMES[frame].replace("{verb}", VERBS[verb])
+
+
+TRAIN_TEMPLATE = template(0, 0)  # "put {object} on {receptacle}"
+# Each verb held out with two frames and each frame with two verbs (a Latin-square pattern).
+HELD_OUT_TEMPLATE_PAIRS = tuple((v, (v + k) % len(FRAMES)) for v in range(len(VERBS)) for k in (3, 6))
+UNSEEN_TEMPLATES = tuple(template(v, f) for v, f in HELD_OUT_TEMPLATE_PAIRS)
+BROAD_TEMPLATES = tuple(template(v, f) for v in range(len(VERBS)) for f in range(len(FRAMES))
+                        if (v, f) not in HELD_OUT_TEMPLATE_PAIRS)
 
 
 class RenderingUnavailable(RuntimeError):
@@ -152,13 +159,14 @@ def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def make_table_texture(index: int, size: int = TABLE_TEXTURE_SIZE) -> np.ndarray:
-    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21 on)
+    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21-44)
     are wood, checker, speckle and marble in many palettes; 16-20 use five other pattern
-    families (stripes, dots, bricks, rings, plaid), so they are new in pattern and colour."""
+    families (stripes, dots, bricks, rings, plaid), so they are new in pattern and colour; from 45
+    on, all nine families in their own palettes (the broad pretraining's)."""
     rng = np.random.default_rng([7, index])
     u, v = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
     c1, c2 = rng.uniform(0.15, 0.9, size=3), rng.uniform(0.15, 0.9, size=3)
-    family = index - 16 + 4 if 16 <= index <= 20 else index % 4
+    family = index - 16 + 4 if 16 <= index <= 20 else index % 9 if index >= 45 else index % 4
     if family == 0:  # wood: warped stripes in brown tones
         tone = np.array([0.6, 0.4, 0.22]) * rng.uniform(0.6, 1.4) + rng.uniform(-0.08, 0.08, size=3)
         c1, c2 = tone, tone * 0.6
@@ -227,3 +235,39 @@ def blend(image: np.ndarray, overlay: np.ndarray, alpha: float,
     if mask is not None:
         mixed = np.where(mask[..., None], mixed, image)
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
+# The broad pretraining's own overlays (twin_env's `pretrain_broad`): the same kinds of
+# perturbation as texture_* and noise_*, drawn by other generators, so pretraining teaches robustness
+# to an overlay without showing the evaluation's own patterns (docs/STUDY_PROTOCOL.md).
+
+
+def pretrain_pattern(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A colourful texture [H, W, 3] in [0, 1]: rings, dots or a two-colour gradient (never
+    random_pattern's stripes, checkers or blobs)."""
+    u, v = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    c1, c2 = rng.random(3), rng.random(3)
+    kind = rng.integers(3)
+    if kind == 0:
+        centre = rng.random(2)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 10) * np.hypot(u - centre[0], v - centre[1]))
+    elif kind == 1:
+        n = rng.integers(4, 12)
+        t = (np.hypot((u * n) % 1 - 0.5, (v * n) % 1 - 0.5) < rng.uniform(0.2, 0.45)).astype(float)
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.clip(0.5 + (u - 0.5) * np.cos(angle) + (v - 0.5) * np.sin(angle), 0, 1)
+    return _mix(np.broadcast_to(c1, (height, width, 3)), np.broadcast_to(c2, (height, width, 3)), t)
+
+
+def pretrain_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A noise pattern [H, W, 3] in [0, 1]: grey grain, salt and pepper, or a random colour per
+    row (never random_noise's coloured blobs with colour grain)."""
+    kind = rng.integers(3)
+    if kind == 0:
+        return np.repeat(np.clip(rng.normal(0.5, 0.25, (height, width, 1)), 0, 1), 3, axis=2)
+    if kind == 1:
+        salt = rng.random((height, width, 1)) < 0.5
+        return np.where(rng.random((height, width, 1)) < rng.uniform(0.2, 0.6),
+                        salt.astype(float), 0.5).repeat(3, axis=2)
+    return np.broadcast_to(rng.random((height, 1, 3)), (height, width, 3)).copy()

@@ -42,7 +42,13 @@ comparisons, as maniskill_env.decode_episode does):
   pretrain   36 objects (the 4 training shapes + 2 own, x the 4 training colours + 2 own), 4 own
              receptacles, 4 own templates, tables 21-44, 1-2 objects and 1-2 receptacles per
              scene (so the instruction matters). No unseen shape, colour, receptacle, table or
-             template of an OOD split appears in it.
+             template of an OOD split appears in it: the shipped model's pretraining.
+  pretrain_broad  the broad pretraining of docs/STUDY_PROTOCOL.md, drawn afresh rather than
+             edited from ind: every OOD factor, none of the exact OOD combinations (72 objects: every
+             (shape, colour) pair but unseen_objects'; all 9 receptacles; 48 (verb, frame)
+             templates: all but unseen_instructions'; tables 45-116 of all nine families; texture or
+             noise overlays from generators of its own; continuous positions, random start poses,
+             jumps of the target at random steps). It becomes `pretrain` once its base ships.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from tasks import (
+    BROAD_TEMPLATES,
     MAX_EPISODE_ID,
     NOISE_ALPHA,
     TEXTURE_ALPHA,
@@ -70,6 +77,8 @@ from tasks import (
     check_split,
     frame_rng,
     make_table_texture,
+    pretrain_noise,
+    pretrain_pattern,
     random_noise,
     random_pattern,
 )
@@ -157,6 +166,22 @@ PRETRAIN_TEMPLATES = ("stack {object} on {receptacle}", "lift {object} onto {rec
 TRAIN_TABLES, UNSEEN_TABLES, PRETRAIN_TABLES = range(16), range(16, 21), range(21, 45)
 PRETRAIN_SECOND_OBJECT_P, PRETRAIN_SECOND_RECEPTACLE_P = 0.5, 0.3
 
+# The broad pretraining (`pretrain_broad`, docs/STUDY_PROTOCOL.md): every shape and colour but not
+# the held-out pairs of unseen_objects, every receptacle as a target, every verb and frame but not
+# the held-out pairs of unseen_instructions, tables of all nine families, overlays from generators
+# of its own, continuous positions, random start poses and jumps of the target at random steps.
+BROAD_OBJECTS = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS if f"{c} {s}" not in UNSEEN_OBJECTS)
+BROAD_RECEPTACLES = tuple(RECEPTACLES)
+BROAD_TABLES = range(45, 117)
+BROAD_OBJECT_AREA = ((0.08, 0.04), (0.92, 0.82))  # covers the grid and unseen_position's ring
+BROAD_RECEPTACLE_AREA = ((0.13, 0.1), (0.87, 0.8))  # the whole footprint on the table
+BROAD_SECOND_OBJECT_P, BROAD_SECOND_RECEPTACLE_P = 0.5, 0.3
+BROAD_RELATED_OBJECT_P = 0.6  # a second object shares the target's shape or colour: both words matter
+BROAD_START_POSE_P = 0.5  # the gripper starts anywhere instead of at home
+BROAD_REPOSITION_P, BROAD_REPOSITION_STEPS = 0.25, (2, 12)  # the target jumps before such a step
+BROAD_OVERLAY_P = {"texture": 0.2, "noise": 0.2}  # else a clean episode
+BROAD_OVERLAY_ALPHA = (0.1, 0.6)
+
 # --------------------------------------------------------------------------------------------
 # 3. Episode ids -> configurations
 # --------------------------------------------------------------------------------------------
@@ -180,6 +205,9 @@ class TwinEpisode:
     template: str
     gripper_xy: XY = GRIPPER_HOME
     reposition_xy: XY | None = None
+    reposition_step: int = REPOSITION_STEP
+    overlay: str | None = None  # pretrain_broad: "texture" | "noise", new at every step
+    overlay_alpha: float = 0.0
 
     @property
     def instruction(self) -> str:
@@ -244,9 +272,53 @@ def ind_episode(episode_id: int) -> TwinEpisode:
     )
 
 
+def broad_pretrain_episode(episode_id: int) -> TwinEpisode:
+    """A `pretrain_broad` configuration: drawn afresh, not an edit of the ind episode."""
+    rng = np.random.default_rng([zlib.crc32(b"pretrain_broad"), episode_id])
+    start = GRIPPER_HOME
+    if rng.random() < BROAD_START_POSE_P:
+        start = (float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.1, 0.9)))
+    placed: Occupied = [(start, GRIPPER_CLEARANCE)]
+
+    def place(area: tuple[XY, XY], radius: float) -> XY:
+        xy = uniform_xy(rng, area[0], area[1], lambda p: is_clear(p, radius, placed))
+        placed.append((xy, radius))
+        return xy
+
+    receptacles = [str(n) for n in rng.choice(BROAD_RECEPTACLES, size=2, replace=False)]
+    receptacles = receptacles[:2 if rng.random() < BROAD_SECOND_RECEPTACLE_P else 1]
+    receptacle_xy = [place(BROAD_RECEPTACLE_AREA, RECEPTACLE_CLEARANCE) for _ in receptacles]
+    objects = [str(rng.choice(BROAD_OBJECTS))]
+    if rng.random() < BROAD_SECOND_OBJECT_P:
+        colour, shape = objects[0].split()
+        related = rng.random() < BROAD_RELATED_OBJECT_P
+        others = [n for n in BROAD_OBJECTS if n != objects[0]
+                  and (not related or n.split()[0] == colour or n.split()[1] == shape)]
+        objects.append(str(rng.choice(others)))
+    object_xy = [place(BROAD_OBJECT_AREA, OBJECT_CLEARANCE) for _ in objects]
+    ep = TwinEpisode(split="pretrain_broad", episode_id=episode_id, table=int(rng.choice(BROAD_TABLES)),
+                     objects=objects, object_xy=object_xy, receptacles=receptacles,
+                     receptacle_xy=receptacle_xy, template=str(rng.choice(BROAD_TEMPLATES)), gripper_xy=start)
+    if rng.random() < BROAD_REPOSITION_P:
+        keep_clear = [(xy, RECEPTACLE_CLEARANCE + OBJECT_CLEARANCE) for xy in receptacle_xy]
+        keep_clear.append((object_xy[0], REPOSITION_MIN_DISTANCE))
+        ep.reposition_step = int(rng.integers(BROAD_REPOSITION_STEPS[0], BROAD_REPOSITION_STEPS[1] + 1))
+        ep.reposition_xy = uniform_xy(rng, *BROAD_OBJECT_AREA, lambda xy: is_clear(xy, 0.0, keep_clear))
+    overlay = rng.random()
+    for kind, p in BROAD_OVERLAY_P.items():
+        if overlay < p:
+            ep.overlay, ep.overlay_alpha = kind, float(rng.uniform(*BROAD_OVERLAY_ALPHA))
+            break
+        overlay -= p
+    return ep
+
+
 def decode_episode(split: str, episode_id: int) -> TwinEpisode:
-    """Deterministic id -> configuration: the ind episode of the id, edited by the split."""
+    """Deterministic id -> configuration: the ind episode of the id, edited by the split
+    (`pretrain_broad`: drawn afresh)."""
     check_split(split, "twin")
+    if split == "pretrain_broad":
+        return broad_pretrain_episode(int(episode_id))
     ep = ind_episode(int(episode_id))
     ep.split = split
     # A second stream per split, so the edits below never shift the shared draws above.
@@ -423,8 +495,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
             raise ValueError(f"actions must have shape ({self.num_envs}, 7), got {actions.shape}")
         if self.t is None or self.t >= self.max_episode_steps:
             raise RuntimeError("episodes are over (or never started): call reset() first")
-        if self.t == REPOSITION_STEP:
-            self._reposition()
+        self._reposition()
         self._move(np.clip(actions, -1.0, 1.0))
         self.t += 1
         grasped, success = self.held == 0, self.success()
@@ -472,9 +543,10 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
                                             for ep in self.episodes])
 
     def _reposition(self) -> None:
-        """The reposition event: the target jumps; a held target leaves the (closed) gripper."""
+        """The reposition event, right before the action of its step: the target jumps; a held
+        target leaves the (closed) gripper."""
         for i, ep in enumerate(self.episodes):
-            if ep.reposition_xy is not None:
+            if ep.reposition_xy is not None and ep.reposition_step == self.t:
                 self.object_xy[i, 0] = ep.reposition_xy
                 if self.held[i] == 0:
                     self.held[i] = -1
@@ -576,6 +648,13 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
             noise = np.stack([random_noise(frame_rng(self.split, i, self.t), size, size)
                               for i in self.episode_ids])
             image = blend(image, noise, NOISE_ALPHA[self.split])
+        elif self.split == "pretrain_broad":  # the pretraining's own overlays, per episode
+            for i, ep in enumerate(self.episodes):
+                if ep.overlay is not None:
+                    rng = frame_rng(self.split, ep.episode_id, self.t)
+                    make, mask = ((pretrain_pattern, self.segmentation[i] >= LABEL_OBJECT)
+                                  if ep.overlay == "texture" else (pretrain_noise, None))
+                    image[i] = blend(image[i], make(rng, size, size), ep.overlay_alpha, mask)
         return {"image": np.ascontiguousarray(image), "instruction": self.instructions}
 
 
