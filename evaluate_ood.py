@@ -65,6 +65,9 @@ class Args:
     """episode horizon, no early termination; default the env's (ManiSkill 80, twin 30)"""
     video: int = 0
     """save videos of the first N episodes of every split (first seed only); 0 = none"""
+    calibration: bool = False
+    """play the calibration episode ids instead of the evaluation ones (docs/STUDY_PROTOCOL.md:
+    what the base and the warm-up are tuned on); the table then gives 95% Wilson intervals"""
     paper_columns: bool = True
     """print the paper's SFT-16k and PPO rates beside ours (ManiSkill numbers: direction only)"""
     output_dir: str = "results/eval_ood"
@@ -147,6 +150,7 @@ from common import (
     EpisodeOutcomes,
     NonFiniteError,
     build_agent,
+    calibration_episode_ids,
     evaluate_policy,
     evaluation_episode_ids,
     init_distributed,
@@ -197,6 +201,16 @@ def load_policy(path: str, args: Args, device: torch.device) -> Any:
 # ---------------------------------------------------------------------------- evaluation
 
 
+def episode_ids_of(split: str, seed: int, args: Args) -> np.ndarray:
+    """The episodes of (split, seed): the evaluation ids, or with --calibration the seed's own
+    block of the calibration ids (which no evaluation, demo or RL episode uses)."""
+    if not args.calibration:
+        return evaluation_episode_ids(seed, split, args.episodes)
+    block = args.seeds.index(seed)
+    return calibration_episode_ids(split, args.episodes * len(args.seeds))[block * args.episodes:][:args.episodes]
+
+
+
 def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, image_size: int,
                        progress: tqdm, render_device: str | None = None) -> dict[str, list[EpisodeOutcomes]]:
     """split -> one EpisodeOutcomes per seed, the same on every rank.
@@ -221,7 +235,7 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
             progress.set_description(f"{label} | {split}")
             if envs.split != split:
                 envs.set_split(split)
-            ids = evaluation_episode_ids(seed, split, args.episodes)[starts[b]:starts[b] + batch_size]
+            ids = episode_ids_of(split, seed, args)[starts[b]:starts[b] + batch_size]
             torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
             videos = max(0, args.video - starts[b]) if seed == args.seeds[0] else 0
             mine[split, seed, b] = evaluate_policy(policy, envs, ids, videos)
@@ -266,8 +280,16 @@ def mean_std(per_seed: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate, in %: sensible at 0 and n successes too."""
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
+
+
 def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str, dict[str, dict]]:
-    """label -> {split, or 'avg:DIMENSION' -> success rate in %: mean, std, per_seed}.
+    """label -> {split, or 'avg:DIMENSION' -> success rate in %: mean, std, per_seed; a split also
+    'wilson95', the 95% interval of its rate over all its episodes}.
 
     A dimension's average is taken per seed over its splits, then mean +- std over seeds: the
     same mean as the paper's average of split means, and a std that is the seed spread of it.
@@ -275,6 +297,9 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str,
     summary: dict[str, dict[str, dict]] = {}
     for label, by_split in results.items():
         rows = {split: mean_std([100 * o.success_rate for o in runs]) for split, runs in by_split.items()}
+        for split, runs in by_split.items():
+            successes = int(sum(o.success.sum() for o in runs))
+            rows[split]["wilson95"] = wilson_interval(successes, sum(len(o.success) for o in runs))
         for dimension, members in grouped_splits(list(by_split)).items():
             per_seed = np.mean([rows[s]["per_seed"] for s in members], axis=0)
             rows[f"avg:{dimension}"] = mean_std([float(x) for x in per_seed])
@@ -299,9 +324,16 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     name_width = max(16, *(len(s) + 2 for s in splits))
     paper = args.paper_columns
 
+    intervals = args.calibration
+    width = max(width, 19) if intervals else width
+
+    def cell(stats: dict) -> str:
+        if intervals and "wilson95" in stats:
+            return f"{stats['mean']:5.1f} [{stats['wilson95'][0]:4.1f}, {stats['wilson95'][1]:5.1f}]"
+        return f"{stats['mean']:5.1f}" + (f" ± {stats['std']:4.1f}" if spread else "")
+
     def row(name: str, key: str) -> str:
-        cells = [f"{summary[label][key]['mean']:5.1f}" + (f" ± {summary[label][key]['std']:4.1f}" if spread else "")
-                 for label in labels]
+        cells = [cell(summary[label][key]) for label in labels]
         line = f"{name:<{name_width}}" + "".join(f"  {cell:>{width}}" for cell in cells)
         if paper and key in PAPER_RATES:
             line += "   | " + "  ".join(f"{x:7.1f}" for x in PAPER_RATES[key])
@@ -311,6 +343,8 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     if paper:
         header += "   | " + "  ".join(f"{x:>7}" for x in ("SFT-16k", "PPO"))
     seeds = f"mean ± std over {len(args.seeds)} seeds" if spread else "1 seed, so no spread is shown"
+    if intervals:
+        seeds = f"CALIBRATION ids, mean [95% Wilson interval] of each split's {len(args.seeds) * args.episodes} episodes"
     lines = [f"success rate (%): {seeds}, {args.episodes} episodes each, temperature {args.temperature}, "
              f"env {args.env}" + ("; right: the paper's OpenVLA-7B on ManiSkill3 (Table 1)" if paper else ""),
              header, "-" * len(header)]
@@ -359,12 +393,13 @@ def write_csv(path: Path, summary: dict[str, dict[str, dict]], args: Args) -> No
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "dimension", "split", "mean", "std",
-                         *(f"seed_{seed}" for seed in args.seeds)])
+                         *(f"seed_{seed}" for seed in args.seeds), "wilson95_low", "wilson95_high"])
         for label, rows in summary.items():
             for key, stats in rows.items():
                 dimension, split = (key[4:], "average") if key.startswith("avg:") else (dimension_of(key), key)
+                interval = [f"{x:.2f}" for x in stats["wilson95"]] if "wilson95" in stats else ["", ""]
                 writer.writerow([label, dimension, split, f"{stats['mean']:.2f}", f"{stats['std']:.2f}",
-                                 *(f"{x:.2f}" for x in stats["per_seed"])])
+                                 *(f"{x:.2f}" for x in stats["per_seed"]), *interval])
 
 
 def plot_chart(path: Path, summary: dict[str, dict[str, dict]], splits: list[str], args: Args) -> None:

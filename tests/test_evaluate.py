@@ -18,6 +18,7 @@ import evaluate_ood
 from common import (
     CheckpointError,
     EpisodeOutcomes,
+    calibration_episode_ids,
     evaluate_policy,
     evaluation_episode_ids,
     expert_policy,
@@ -138,6 +139,8 @@ def test_summary_table_and_csv_on_hand_computed_numbers(tmp_path: Path) -> None:
     splits = ["ind", "unseen_table", "noise_weak"]
     args = Args(checkpoint=["ppo"], seeds=(0, 1), episodes=2)
     summary = evaluate_ood.summarise(results)
+    # 3 of 4 episodes: the 95% Wilson interval is [30.06, 95.44] (the textbook value).
+    np.testing.assert_allclose(summary["ppo"]["ind"].pop("wilson95"), (30.06, 95.44), atol=0.01)
     assert summary["ppo"]["ind"] == {"mean": 75.0, "std": 25.0, "per_seed": [50.0, 100.0]}
     # vision per seed: (0 + 100) / 2 = 50 and (50 + 100) / 2 = 75 -> 62.5 +- 12.5.
     assert summary["ppo"]["avg:vision"] == {"mean": 62.5, "std": 12.5, "per_seed": [50.0, 75.0]}
@@ -156,6 +159,21 @@ def test_summary_table_and_csv_on_hand_computed_numbers(tmp_path: Path) -> None:
         ("ind", "ind", "75.00"), ("vision", "unseen_table", "25.00"), ("vision", "noise_weak", "100.00"),
         ("ind", "average", "75.00"), ("vision", "average", "62.50")]
     assert rows[1]["seed_0"] == "0.00" and rows[1]["seed_1"] == "50.00"
+
+
+def test_calibration_plays_ids_no_evaluation_plays_and_shows_intervals() -> None:
+    args = Args(checkpoint=["ppo"], seeds=(1, 2), episodes=8, calibration=True, paper_columns=False)
+    first, second = (evaluate_ood.episode_ids_of("ind", seed, args) for seed in (1, 2))
+    np.testing.assert_array_equal(np.concatenate([first, second]), calibration_episode_ids("ind", 16))
+    evaluation = {int(i) for seed in range(10) for i in evaluation_episode_ids(seed, "ind", 64)}
+    assert not evaluation & {int(i) for i in np.concatenate([first, second])}
+    summary = evaluate_ood.summarise({"ppo": {"ind": [outcomes([True] * 8), outcomes([False] * 8)]}})
+    row = evaluate_ood.format_table(summary, ["ind"], args).splitlines()[3]
+    low, high = evaluate_ood.wilson_interval(8, 16)
+    assert row.split() == ["ind", "50.0", f"[{low:.1f},", f"{high:.1f}]"], row
+    plain = evaluate_ood.format_table(summary, ["ind"], Args(checkpoint=["ppo"], seeds=(1, 2), episodes=8,
+                                                             paper_columns=False))
+    assert "[" not in plain
 
 
 def test_one_seed_shows_no_spread_and_several_do() -> None:
