@@ -71,6 +71,7 @@ from tasks import (
     NOISE_ALPHA,
     TEXTURE_ALPHA,
     TRAIN_TEMPLATE,
+    TWIN_ONLY_SPLITS,
     UNSEEN_TEMPLATES,
     PotentialReward,
     blend,
@@ -96,6 +97,12 @@ RECEPTACLE_SIZE = 0.25  # 16 px at 64 px; also the success footprint (disc diame
 GRIPPER_SIZE = 0.25  # wider than an object, so a held object shows between the fingers
 TABLE_GREY, TABLE_CONTRAST = 140.0, 0.5  # table = grey + contrast * (texture - grey): muted
 GRIPPER_COLOUR = (15, 15, 15)  # darker than any muted table, object or receptacle fill
+# The study's domain (ind and every OOD split) may differ from pretraining by something the base
+# must adapt to, as ManiSkill's robot and renders differ from OpenVLA's data (docs/STUDY_PROTOCOL.md,
+# section 1): the gripper's look and its step. Calibration knobs, tuned on the base's and the
+# warm-up's calibration numbers only; equal to pretraining's until the broad base is shipped.
+STUDY_GRIPPER_COLOUR = GRIPPER_COLOUR
+STUDY_STEP = STEP  # <= 0.11: the expert closes within half a step per axis, inside GRASP_RADIUS
 
 GRID_X = tuple(0.2 + 0.1 * i for i in range(7))  # training placements
 GRID_Y = tuple(0.13 + 0.1 * i for i in range(7))
@@ -512,6 +519,15 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
         truncated = np.full(self.num_envs, self.t >= self.max_episode_steps)
         return self._observation(), reward, terminated, truncated, info
 
+    @property
+    def step_size(self) -> float:
+        """The gripper's displacement per unit of action: pretraining's, or the study domain's."""
+        return STEP if self.split in TWIN_ONLY_SPLITS else STUDY_STEP
+
+    @property
+    def gripper_colour(self) -> tuple[int, int, int]:
+        return GRIPPER_COLOUR if self.split in TWIN_ONLY_SPLITS else STUDY_GRIPPER_COLOUR
+
     def set_split(self, split: str) -> None:
         """Same envs, new split: the next reset decodes its episodes."""
         check_split(split, "twin")
@@ -558,7 +574,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
         # demonstration visits, and the tiny VLA, which never saw a frame 1 px off, stalled there
         # (docs/PRETRAINING.md: 19 of 19 stalled one-object failures; the warm-up on `ind` 77% -> 95%).
         moves = np.round(actions[:, :2].astype(np.float64), MOVE_DECIMALS)
-        self.gripper_xy = np.clip(self.gripper_xy + STEP * moves, 0, 1)
+        self.gripper_xy = np.clip(self.gripper_xy + self.step_size * moves, 0, 1)
         carrying = np.nonzero(self.held >= 0)[0]
         self.object_xy[carrying, self.held[carrying]] = self.gripper_xy[carrying]
         close = actions[:, 6] < 0
@@ -589,7 +605,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
         holding, done = self.held == 0, self.success()
         goal = np.where(holding[:, None], self.receptacle_xy, self.object_xy[:, 0])
         goal = np.where(done[:, None], self.gripper_xy, goal)
-        delta = (goal - self.gripper_xy) / STEP  # in steps
+        delta = (goal - self.gripper_xy) / self.step_size  # in steps
         # Whole steps, each axis on its own: every action component is -1, 0 or +1, and the
         # goal counts as reached within half a step (GRASP_RADIUS covers the diagonal). A
         # cloned policy then classifies directions instead of regressing fractions of a step.
@@ -630,7 +646,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
                 masks = self.object_sprites[self.object_shape[:, slot]]
                 stamp(canvas, labels, masks, self.object_colour[:, slot],
                       self.object_xy[:, slot], active, LABEL_OBJECT, pad)
-        colours = np.broadcast_to(np.array(GRIPPER_COLOUR, np.uint8), (self.num_envs, 3))
+        colours = np.broadcast_to(np.array(self.gripper_colour, np.uint8), (self.num_envs, 3))
         stamp(canvas, labels, self.gripper_sprites[self.gripper_closed.astype(int)], colours,
               self.gripper_xy, np.ones(self.num_envs, dtype=bool), LABEL_GRIPPER, pad)
         crop = (slice(None), slice(pad, pad + self.image_size), slice(pad, pad + self.image_size))

@@ -165,3 +165,27 @@ def test_calibration_ids_are_no_evaluation_ids() -> None:
     evaluation = np.concatenate([evaluation_episode_ids(s, "ind", 256) for s in range(100)])
     assert not set(calibration) & set(evaluation)
     assert (T.decode_episode("ind", int(calibration[0])).objects[0] in T.TRAIN_OBJECTS)
+
+
+def test_the_study_domain_knobs_change_the_study_splits_only(monkeypatch) -> None:
+    # The calibration knobs of the study's domain (gripper look and step) act on ind and the OOD
+    # splits and leave pretraining as it was; the expert still solves the study under them.
+    monkeypatch.setattr(T, "STUDY_STEP", 0.08)
+    monkeypatch.setattr(T, "STUDY_GRIPPER_COLOUR", (200, 40, 200))
+    for split, step, colour in (("ind", 0.08, (200, 40, 200)), ("reposition", 0.08, (200, 40, 200)),
+                                ("pretrain_broad", T.STEP, T.GRIPPER_COLOUR)):
+        env = T.TwinVecEnv(split, 32, 64)
+        obs, _ = env.reset(options={"episode_ids": np.arange(32)})
+        gripper = env.segmentation == T.LABEL_GRIPPER
+        assert (obs["image"][gripper] == colour).all() or split == "pretrain_broad" and \
+            (env.render_frame()[0][gripper] == colour).all()
+        before = env.gripper_xy.copy()
+        move = np.zeros((32, 7), np.float32)
+        move[:, 0], move[:, 6] = 1.0, 1.0
+        env.step(move)
+        moved = env.gripper_xy[:, 0] - before[:, 0]
+        np.testing.assert_allclose(moved[before[:, 0] < 1 - step], step)
+        env.reset(options={"episode_ids": np.arange(32)})
+        for _ in range(env.max_episode_steps):
+            *_, info = env.step(env.expert_action())
+        assert info["success"].all(), split
