@@ -150,9 +150,9 @@ from tqdm import tqdm
 from common import (
     ActorCritic,
     all_reduce_gradients,
+    calibration_episode_ids,
     check_finite,
     evaluate_policy,
-    evaluation_episode_ids,
     init_distributed,
     seed_everything,
     wait_for_rank_zero,
@@ -264,7 +264,7 @@ def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, flo
     rates = {}
     for split in (args.split, "multi_object_seen"):
         envs = make_vec_env(split, 64, args.image_size, seed=1, env="twin")
-        ids = evaluation_episode_ids(1, split, args.eval_episodes)
+        ids = calibration_episode_ids(split, args.eval_episodes)  # a study split's evaluation ids stay unseen
         rates[split] = evaluate_policy(agent.as_policy(0.6), envs, ids).success_rate
         envs.close()
     agent.policy.unload()  # take the (untrained, B = 0) adapters out again: vla is as before,
@@ -394,6 +394,7 @@ def main(args: Args) -> dict[str, float]:
     recipe = {"args": asdict(args), "fingerprint": weights_fingerprint(vla.state_dict()),
               "base_fingerprint": base_fingerprint,  # the weights at the end of the first cycle
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
+              "episode_ids": "calibration",  # the ids `success` was measured on (common.calibration_episode_ids)
               "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding),
               "receptacle_pairs": len(pairs) // 2}
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
