@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
 # The warm-up: the demo's recipe from this base; extra arguments change it (--num-demos, --total-steps).
 $TORCHRUN sft_warmup.py twin-warmup --model-path "$BASE" --output-dir "$OUT/runs" --demo-dir "$OUT/demos" \
-  --device cpu --exp-name warmup --eval-every 1000000 "$@"
+  --device cpu --exp-name warmup --eval-every 0 "$@"  # no evaluation-id numbers
 $TORCHRUN evaluate_ood.py --env twin --device cpu --calibration --splits all "$PRETRAIN_SPLIT" --seeds 0 \
   --episodes 256 --num-envs 64 --no-paper-columns --output-dir "$OUT/results" \
   --checkpoint base --model-path "$BASE" --checkpoint warm-up="$OUT/runs/warmup"

@@ -64,17 +64,18 @@ def test_it_acts_as_measured_at_export(pretrained, recipe: dict) -> None:
     assert greedy.shape == (2, 7) and np.isin(greedy[:, 6], (-1.0, 1.0)).all()
 
 
-def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_path) -> None:
+@pytest.mark.parametrize("split", ["pretrain", "pretrain_broad"])
+def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_path, split: str) -> None:
     # Replayed through the twin, pretrain_tiny's grounding frames must be the first steps of a
     # two-object scene before its target is grasped and the first steps that carry it closed in
     # a two-receptacle scene, and nothing of a one-object, one-receptacle scene.
     from demos import ensure_demos
     from pretrain_tiny import Args, batch_indices, grounding_frames
     window, carry_window = 2, 3
-    records = ensure_demos(tmp_path, {"train": 24}, "twin", "pretrain", 32, 30, num_envs=8)["train"]
+    records = ensure_demos(tmp_path, {"train": 24}, "twin", split, 32, 30, num_envs=8)["train"]
     expected, kinds = [], set()
     for record in records:
-        env = make_vec_env("pretrain", 1, 32, seed=1, env="twin")
+        env = make_vec_env(split, 1, 32, seed=1, env="twin")
         env.reset(options={"episode_ids": [record["episode_seed"]]})
         objects, receptacles = len(env.episodes[0].objects), len(env.episodes[0].receptacles)
         kinds.add((objects, receptacles))
@@ -88,7 +89,7 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
             env.step(action[None])
         env.close()
     assert {(1, 1), (2, 1), (1, 2)} <= kinds, "precondition: the episodes cover the scene kinds"
-    grounding = grounding_frames(records, window, carry_window)
+    grounding = grounding_frames(records, window, carry_window, split)
     np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
 
     # The batches: grounding frames only during the first --grounding-steps, then the share asked;
@@ -155,3 +156,5 @@ def test_the_second_cycle_starts_from_the_first_cycles_model(tmp_path) -> None:
     other = pretrain_tiny.Args(**{**small, "image_size": 64}, receptacle_steps=2, first_cycle_model=first.output)
     with pytest.raises(ValueError, match="takes 32 px images"):
         pretrain_tiny.check_args(other)
+    with pytest.raises(ValueError, match="--split must be pretrain or pretrain_broad"):
+        pretrain_tiny.check_args(pretrain_tiny.Args(**small, split="ind"))
