@@ -71,8 +71,12 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
     # a two-receptacle scene, and nothing of a one-object, one-receptacle scene.
     from demos import ensure_demos
     from pretrain_tiny import Args, batch_indices, grounding_frames
+    from twin_env import decode_episode
     window, carry_window = 2, 3
-    records = ensure_demos(tmp_path, {"train": 24}, "twin", split, 32, 30, num_envs=8)["train"]
+    records = ensure_demos(tmp_path, {"train": 32}, "twin", split, 32, 30, num_envs=8)["train"]
+    # A jump of the target (pretrain_broad) makes "the grasp" ambiguous: the first close counts.
+    # Compared here on the scenes without one.
+    records = [r for r in records if decode_episode(split, r["episode_seed"]).reposition_xy is None]
     expected, kinds = [], set()
     for record in records:
         env = make_vec_env(split, 1, 32, seed=1, env="twin")
