@@ -557,15 +557,17 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
         self.receptacle_xy = np.array([ep.receptacle_xy[0] for ep in self.episodes])  # target's
         self.receptacle_is_disc = np.array([RECEPTACLES[ep.receptacles[0]].kind == "disc"
                                             for ep in self.episodes])
+        # the step before whose action the target jumps (-1: never), and where to
+        self.reposition_step = np.array([-1 if ep.reposition_xy is None else ep.reposition_step
+                                         for ep in self.episodes])
+        self.reposition_xy = np.array([ep.reposition_xy or (0.0, 0.0) for ep in self.episodes])  # [N, 2]
 
     def _reposition(self) -> None:
         """The reposition event, right before the action of its step: the target jumps; a held
         target leaves the (closed) gripper."""
-        for i, ep in enumerate(self.episodes):
-            if ep.reposition_xy is not None and ep.reposition_step == self.t:
-                self.object_xy[i, 0] = ep.reposition_xy
-                if self.held[i] == 0:
-                    self.held[i] = -1
+        jump = np.flatnonzero(self.reposition_step == self.t)
+        self.object_xy[jump, 0] = self.reposition_xy[jump]
+        self.held[jump[self.held[jump] == 0]] = -1
 
     def _move(self, actions: np.ndarray) -> None:
         """Move, carry, then apply the gripper command at the new position."""
