@@ -68,6 +68,9 @@ class Args:
     calibration: bool = False
     """play the calibration episode ids instead of the evaluation ones (docs/STUDY_PROTOCOL.md:
     what the base and the warm-up are tuned on); the table then gives 95% Wilson intervals"""
+    reference: str | None = None
+    """label of the checkpoint the others are compared with: per split and dimension, the paired
+    difference in points over the same episodes, with a 95% bootstrap interval over episodes"""
     paper_columns: bool = True
     """print the paper's SFT-16k and PPO rates beside ours (ManiSkill numbers: direction only)"""
     output_dir: str = "results/eval_ood"
@@ -97,6 +100,9 @@ def check_args(args: Args) -> None:
     for label in labels:
         if labels.count(label) > 1:
             raise ValueError(f"two checkpoints are labelled {label!r}; name them with NAME=PATH")
+    if args.reference is not None and (args.reference not in labels or len(labels) < 2):
+        raise ValueError(f"--reference {args.reference!r} must name one of two or more checkpoints "
+                         f"(labels: {', '.join(labels)})")
 
 
 def resolve_splits(requested: tuple[str, ...], env: str) -> list[str]:
@@ -307,6 +313,56 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str,
     return summary
 
 
+def with_dimension_averages(per_split: dict[str, Any]) -> dict[str, Any]:
+    """per_split plus 'avg:DIMENSION' -> the mean of its splits' values (floats or arrays alike)."""
+    averages = {f"avg:{dimension}": np.mean([per_split[s] for s in members], axis=0)
+                for dimension, members in grouped_splits(list(per_split)).items()}
+    return {**per_split, **averages}
+
+
+def bootstrap_differences(differences: dict[str, np.ndarray], samples: int = 2000,
+                          seed: int = 0) -> dict[str, np.ndarray]:
+    """Bootstrap distribution [SAMPLES] of the mean paired difference, per split and 'avg:DIMENSION'.
+
+    differences[split]: [R, N] the per-episode differences (checkpoint minus reference, in points)
+    of R training runs on the same N episodes. Hierarchical: runs are drawn with replacement, then
+    episodes within each drawn run (with R = 1, a plain bootstrap over episodes). A dimension's
+    average is the mean of its splits' resampled means, each split resampled on its own."""
+    rng = np.random.default_rng(seed)
+    drawn: dict[str, np.ndarray] = {}
+    for split, diff in differences.items():
+        runs, episodes = diff.shape
+        run = rng.integers(0, runs, size=(samples, runs))  # [S, R]
+        episode = rng.integers(0, episodes, size=(samples, runs, episodes))  # [S, R, N]
+        drawn[split] = diff[run[:, :, None], episode].mean(axis=(1, 2))
+    return with_dimension_averages(drawn)
+
+
+def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], reference: str
+                       ) -> dict[str, dict[str, dict]]:
+    """label -> {split or 'avg:DIMENSION' -> {'difference': the mean paired difference in points
+    (label minus reference, over the same episodes), 'ci95': its 95% bootstrap interval}} for every
+    checkpoint but the reference. One training run per checkpoint: the interval is over episodes."""
+    compared: dict[str, dict[str, dict]] = {}
+    for label, by_split in results.items():
+        if label == reference:
+            continue
+        differences = {}
+        for split, runs in by_split.items():
+            theirs = results[reference][split]
+            for ours, ref in zip(runs, theirs, strict=True):
+                if not np.array_equal(ours.episode_ids, ref.episode_ids):
+                    raise ValueError(f"{label} and {reference} played different episodes of {split}")
+            success = [np.concatenate([o.success for o in r]).astype(float) for r in (runs, theirs)]
+            differences[split] = 100 * (success[0] - success[1])[None]  # [1, N]
+        observed = with_dimension_averages({split: float(d.mean()) for split, d in differences.items()})
+        drawn = bootstrap_differences(differences)
+        compared[label] = {key: {"difference": float(observed[key]),
+                                 "ci95": [float(x) for x in np.percentile(drawn[key], [2.5, 97.5])]}
+                           for key in observed}
+    return compared
+
+
 def grouped_splits(splits: list[str]) -> dict[str, list[str]]:
     """dimension -> its splits, in the order given."""
     groups: dict[str, list[str]] = {}
@@ -332,14 +388,24 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
             return f"{stats['mean']:5.1f} [{stats['wilson95'][0]:4.1f}, {stats['wilson95'][1]:5.1f}]"
         return f"{stats['mean']:5.1f}" + (f" ± {stats['std']:4.1f}" if spread else "")
 
+    compared = [label for label in labels if "vs_reference" in summary[label][next(iter(summary[label]))]]
+    versus = [f"{label} - {args.reference}" for label in compared]
+    versus_width = max([22, *(len(v) for v in versus)])
+
+    def difference(stats: dict) -> str:
+        d = stats["vs_reference"]
+        return f"{d['difference']:+5.1f} [{d['ci95'][0]:+5.1f}, {d['ci95'][1]:+5.1f}]"
+
     def row(name: str, key: str) -> str:
         cells = [cell(summary[label][key]) for label in labels]
         line = f"{name:<{name_width}}" + "".join(f"  {cell:>{width}}" for cell in cells)
+        line += "".join(f"  {difference(summary[label][key]):>{versus_width}}" for label in compared)
         if paper and key in PAPER_RATES:
             line += "   | " + "  ".join(f"{x:7.1f}" for x in PAPER_RATES[key])
         return line
 
     header = f"{'split':<{name_width}}" + "".join(f"  {label:>{width}}" for label in labels)
+    header += "".join(f"  {v:>{versus_width}}" for v in versus)
     if paper:
         header += "   | " + "  ".join(f"{x:>7}" for x in ("SFT-16k", "PPO"))
     seeds = f"mean ± std over {len(args.seeds)} seeds" if spread else "1 seed, so no spread is shown"
@@ -348,6 +414,9 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     lines = [f"success rate (%): {seeds}, {args.episodes} episodes each, temperature {args.temperature}, "
              f"env {args.env}" + ("; right: the paper's OpenVLA-7B on ManiSkill3 (Table 1)" if paper else ""),
              header, "-" * len(header)]
+    if versus:
+        lines.insert(1, f"{', '.join(versus)}: paired difference in points over the same episodes, "
+                        "[95% bootstrap interval over episodes]")
     for dimension, members in grouped_splits(splits).items():
         if members == [dimension]:  # ind is a dimension of one split: no heading
             lines.append(row(dimension, dimension))
@@ -393,13 +462,17 @@ def write_csv(path: Path, summary: dict[str, dict[str, dict]], args: Args) -> No
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "dimension", "split", "mean", "std",
-                         *(f"seed_{seed}" for seed in args.seeds), "wilson95_low", "wilson95_high"])
+                         *(f"seed_{seed}" for seed in args.seeds), "wilson95_low", "wilson95_high",
+                         "reference", "difference", "difference95_low", "difference95_high"])
         for label, rows in summary.items():
             for key, stats in rows.items():
                 dimension, split = (key[4:], "average") if key.startswith("avg:") else (dimension_of(key), key)
                 interval = [f"{x:.2f}" for x in stats["wilson95"]] if "wilson95" in stats else ["", ""]
+                versus = stats.get("vs_reference")
+                paired = ([versus["reference"], f"{versus['difference']:.2f}", *(f"{x:.2f}" for x in versus["ci95"])]
+                          if versus else ["", "", "", ""])
                 writer.writerow([label, dimension, split, f"{stats['mean']:.2f}", f"{stats['std']:.2f}",
-                                 *(f"{x:.2f}" for x in stats["per_seed"]), *interval])
+                                 *(f"{x:.2f}" for x in stats["per_seed"]), *interval, *paired])
 
 
 def plot_chart(path: Path, summary: dict[str, dict[str, dict]], splits: list[str], args: Args) -> None:
@@ -503,6 +576,10 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
             del policy  # free its memory before the next one loads
 
     summary = summarise(results)
+    if args.reference is not None:
+        for label, rows in paired_differences(results, args.reference).items():
+            for key, paired in rows.items():
+                summary[label][key]["vs_reference"] = {"reference": args.reference, **paired}
     if rank == 0:
         print(format_table(summary, splits, args))
         write_json(output_dir / "results.json", results, summary, checkpoints, splits, args)

@@ -49,7 +49,14 @@ class Args:
     image_size: int = 64
     """image size of the model and the renderer"""
     num_demos: int = 12000
-    """expert demonstrations of the pretrain split to train on (6000 were starting to be memorised)"""
+    """expert demonstrations of the pretrain split to train on (6000 were starting to be memorised);
+    with --fresh-demos, the demonstrations each rank holds at a time"""
+    fresh_demos: int = 0
+    """stream: every --fresh-every steps each rank collects this many new demonstrations in memory and
+    drops its oldest as many (0: one fixed set on disk, shared by the ranks). A broad split overfits
+    a fixed set of 16,000 (validation loss flat from step 12,000: docs/PRETRAINING.md)"""
+    fresh_every: int = 250
+    """optimizer steps between two fresh batches of demonstrations (with --fresh-demos)"""
     heldout_demos: int = 64
     """held-out demonstrations for the validation loss"""
     action_noise: float = 0.0
@@ -104,6 +111,15 @@ def check_args(args: Args) -> None:
                      "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window",
                      "carry_window")
     require_finite_positive(args, "learning_rate", "receptacle_learning_rate")
+    if args.fresh_demos < 0 or args.fresh_every < 1:
+        raise ValueError(f"--fresh-demos must be >= 0 and --fresh-every >= 1, got {args.fresh_demos} "
+                         f"and {args.fresh_every}")
+    if args.fresh_demos and args.num_demos % args.fresh_demos:
+        raise ValueError(f"--num-demos ({args.num_demos}) must be a multiple of --fresh-demos "
+                         f"({args.fresh_demos}): a rank holds whole batches of demonstrations")
+    if args.fresh_demos and args.first_cycle_model is not None:
+        raise ValueError("--first-cycle-model takes the fixed demonstrations it was trained on: "
+                         "drop --fresh-demos, or run both cycles in one run")
     for name in ("grounding_steps", "receptacle_steps", "receptacle_mix_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -157,7 +173,7 @@ from common import (
     seed_everything,
     wait_for_rank_zero,
 )
-from demos import ensure_demos, frames_of
+from demos import collect_expert_demos, ensure_demos, episode_ids_of, frames_of
 from envs import default_horizon, make_vec_env
 from model import (
     ActionTokenizer,
@@ -172,6 +188,50 @@ from model import (
 from twin_env import decode_episode
 
 UNNORM_KEY = "twin_pretrain"
+
+
+@dataclass
+class Demonstrations:
+    """The frames of demonstrations held in memory: a rank's share of the stream (--fresh-demos)."""
+
+    images: np.ndarray  # uint8 [F, H, W, 3]
+    actions: np.ndarray  # float32 [F, 7]
+    instructions: list[str]  # [F]
+    records: list[dict]  # one per demonstration: episode_seed, actions and the decoded episode (grounding_frames)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def read_images(self, index: np.ndarray) -> np.ndarray:
+        return self.images[index]
+
+
+def stream_ids(number: int, rank: int, args: Args) -> np.ndarray:
+    """The episode ids of batch NUMBER of rank RANK's stream [--fresh-demos]."""
+    slots = [rank * 10**9 + number * args.fresh_demos + i for i in range(args.fresh_demos)]
+    return episode_ids_of(slots, args.seed, "train")
+
+
+def fresh_demonstrations(envs, number: int, rank: int, args: Args) -> list[Demonstrations]:
+    """Batch NUMBER of rank RANK's stream: --fresh-demos episodes of the expert (the failed ones left
+    out), a pure function of (seed, rank, number), so a resumed run rebuilds what it held."""
+    ids, demos = stream_ids(number, rank, args), []
+    for first in range(0, len(ids), envs.num_envs):
+        chunk = ids[first:first + envs.num_envs]
+        rng = np.random.default_rng([args.seed, rank, number, first])
+        demos += collect_expert_demos(envs, np.resize(chunk, envs.num_envs), action_noise=args.action_noise,
+                                      rng=rng, keep_success_steps=args.keep_success_steps)[:len(chunk)]
+    demos = [d for d in demos if d.succeeded]
+    return [Demonstrations(d.images[:-1], d.actions.astype(np.float32), [d.instruction] * len(d.actions),
+                           [{"episode_seed": d.episode_id, "actions": d.actions,
+                             "episode": decode_episode(args.split, d.episode_id)}]) for d in demos]
+
+
+def pool_of(held: list[list[Demonstrations]]) -> Demonstrations:
+    """One set of frames from the batches a rank holds, oldest first."""
+    demos = [d for batch in held for d in batch]
+    return Demonstrations(np.concatenate([d.images for d in demos]), np.concatenate([d.actions for d in demos]),
+                          [t for d in demos for t in d.instructions], [r for d in demos for r in d.records])
 
 
 def total_steps(args: Args) -> int:
@@ -202,7 +262,8 @@ def grounding_frames(records: list[dict], window: int, carry_window: int, split:
     when the other frames join (docs/PRETRAINING.md)."""
     chosen, start = [], 0
     for record in records:
-        episode, closed = decode_episode(split, record["episode_seed"]), record["actions"][:, 6] < 0
+        episode = record.get("episode") or decode_episode(split, record["episode_seed"])  # ~1 ms to decode
+        closed = record["actions"][:, 6] < 0
         grasp = int(np.argmax(closed)) if closed.any() else len(closed)
         steps = np.arange(len(closed))
         picks = (len(episode.objects) > 1) & (steps < min(grasp, window))
@@ -278,7 +339,9 @@ def main(args: Args) -> dict[str, float]:
         sys.exit(f"error: --batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     seed_everything(args.seed + rank)
     run_dir, output = Path(args.run_dir), Path(args.output)
-    wanted = {"train": args.num_demos, "heldout": args.heldout_demos}
+    state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False) if args.resume else None
+    start_step = state["step"] if state else 0
+    wanted = {"train": 0 if args.fresh_demos else args.num_demos, "heldout": args.heldout_demos}
     settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=args.keep_success_steps)
     if rank == 0:  # rank 0 collects, the others read what it wrote
         ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size, default_horizon("twin"),
@@ -286,29 +349,60 @@ def main(args: Args) -> dict[str, float]:
     wait_for_rank_zero()
     records = ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size,
                            default_horizon("twin"), **settings)
-    frames, heldout = frames_of(records["train"]).load(), frames_of(records["heldout"]).load()
-    stats = NormStats(q01=np.quantile(frames.actions, 0.01, axis=0), q99=np.quantile(frames.actions, 0.99, axis=0))
+    heldout = frames_of(records["heldout"]).load()
+    if args.fresh_demos:  # each rank its own stream, held in memory: the batches since start_step's last refresh
+        stream_envs = make_vec_env(args.split, 64, args.image_size, env="twin")
+        first, count = start_step // args.fresh_every, args.num_demos // args.fresh_demos
+        held = [fresh_demonstrations(stream_envs, n, rank, args)
+                for n in tqdm(range(first, first + count), desc="fresh demonstrations", disable=rank > 0)]
+        frames = pool_of(held)
+        train_records = frames.records
+    else:
+        frames, train_records = frames_of(records["train"]).load(), records["train"]
+    if state and "norm_stats" in state:
+        stats = NormStats(*state["norm_stats"])
+    else:  # the ranks' streams differ: every rank takes rank 0's statistics
+        found = [(np.quantile(frames.actions, 0.01, axis=0), np.quantile(frames.actions, 0.99, axis=0))]
+        if world > 1:
+            dist.broadcast_object_list(found, src=0)
+        stats = NormStats(q01=found[0][0], q99=found[0][1])
 
     vla, tokenizer = build_tiny_vla(args.image_size)
     vla.train()
     action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
-    tokens = action_tokenizer.encode(stats.normalize(frames.actions))  # [F, 7]
-    grounding = grounding_frames(records["train"], args.grounding_window, args.carry_window, args.split)  # [G]
+    heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
+    second_cycle = total_steps(args) > args.base_steps
+    no_pairs = (np.zeros((0, args.image_size, args.image_size, 3), np.uint8), [], np.zeros((0, 7), np.float32))
+    pair_images, pair_texts, pair_actions = no_pairs  # the second cycle's, made when it starts
+
+    def second_cycle_pairs() -> tuple[np.ndarray, list[str], np.ndarray]:
+        """From the episodes held when the second cycle starts (a resumed run makes the same)."""
+        seeds = np.array([r["episode_seed"] for r in train_records], dtype=np.int64)
+        if args.fresh_demos:
+            first = args.base_steps // args.fresh_every
+            seeds = np.concatenate([stream_ids(n, rank, args) for n in range(first, first + count)])
+        made = receptacle_pairs(seeds, args.image_size, args.split)
+        if not len(made[2]):
+            sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second "
+                     "cycle: raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
+        return made
+
+    def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Action tokens [F + 2P, 7] of the frames, then the pairs; the first cycle's grounding frames
+        [G]; the second cycle's set: the object grounding frames and the pairs (indices past the frames).
+        The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
+        receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames."""
+        tokens = action_tokenizer.encode(stats.normalize(np.concatenate([frames.actions, pair_actions])))
+        grounding = grounding_frames(train_records, args.grounding_window, args.carry_window, args.split)
+        objects = grounding_frames(train_records, args.grounding_window, 0, args.split)
+        return tokens, grounding, np.concatenate([objects, len(frames) + np.arange(len(pair_actions))])
+
+    if second_cycle and (not args.fresh_demos or start_step >= args.base_steps):
+        pair_images, pair_texts, pair_actions = second_cycle_pairs()  # a fixed set's: made now, errors early
+    tokens, grounding, receptacle_set = index_sets()
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
-    heldout_tokens = action_tokenizer.encode(stats.normalize(heldout.actions))
-    second_cycle = total_steps(args) > args.base_steps
-    seeds = np.array([r["episode_seed"] for r in records["train"]] if second_cycle else [], dtype=np.int64)
-    pair_images, pair_texts, pair_actions = receptacle_pairs(seeds, args.image_size, args.split)  # none without a 2nd cycle
-    if not len(pair_actions) and second_cycle:
-        sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second cycle: "
-                 "raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
-    pairs = len(frames) + np.arange(len(pair_actions))  # [2P] indices past the demonstrations' frames
-    # The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
-    # receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames.
-    receptacle_set = np.concatenate([grounding_frames(records["train"], args.grounding_window, 0, args.split), pairs])
-    tokens = np.concatenate([tokens, action_tokenizer.encode(stats.normalize(pair_actions))])
 
     def batch_of(index: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Images [B, H, W, 3] and instructions of frames `index` (demonstrations, then pairs)."""
@@ -318,13 +412,12 @@ def main(args: Args) -> dict[str, float]:
         return images, [frames.instructions[i] if i < len(frames) else pair_texts[i - len(frames)] for i in index]
     optimizer = torch.optim.AdamW(vla.parameters(), lr=args.learning_rate, weight_decay=0.01)
     batch_rng = np.random.default_rng([args.seed, rank])  # each rank draws its own frames
-    start_step, base_fingerprint = 0, None
-    if args.resume:
-        state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+    base_fingerprint = None
+    if state:
         vla.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batch_rng.bit_generator.state = state["batch_rngs"][rank]
-        start_step, base_fingerprint = state["step"], state.get("base_fingerprint")
+        base_fingerprint = state.get("base_fingerprint")
     elif args.first_cycle_model is not None:  # its optimizer is not needed: the second cycle starts a fresh one
         base, _, base_stats, _ = load_openvla_dir(args.first_cycle_model, torch.device("cpu"), UNNORM_KEY)
         if not (np.allclose(base_stats.q01, stats.q01) and np.allclose(base_stats.q99, stats.q99)):
@@ -340,9 +433,17 @@ def main(args: Args) -> dict[str, float]:
     t0 = time.perf_counter()
 
     for step in bar:
+        if args.fresh_demos and step > start_step and step % args.fresh_every == 0:  # the oldest out, new in
+            held = held[1:] + [fresh_demonstrations(stream_envs, step // args.fresh_every + count - 1, rank, args)]
+            frames = pool_of(held)
+            train_records = frames.records
+            tokens, grounding, receptacle_set = index_sets()
         if step == args.base_steps:  # the second cycle starts from fresh moments, as a fine-tuning run does
             optimizer = torch.optim.AdamW(vla.parameters(), lr=args.receptacle_learning_rate, weight_decay=0.01)
             base_fingerprint = weights_fingerprint(vla.state_dict())
+            if not len(pair_actions):
+                pair_images, pair_texts, pair_actions = second_cycle_pairs()
+                tokens, grounding, receptacle_set = index_sets()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
         index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, receptacle_set, args)
@@ -383,7 +484,8 @@ def main(args: Args) -> dict[str, float]:
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": vla.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                            "batch_rngs": batch_rngs, "base_fingerprint": base_fingerprint}, run_dir / "state.tmp")
+                            "batch_rngs": batch_rngs, "base_fingerprint": base_fingerprint,
+                            "norm_stats": (stats.q01, stats.q99)}, run_dir / "state.tmp")
                 os.replace(run_dir / "state.tmp", run_dir / "state.pt")
     if rank > 0:
         return metrics
@@ -396,7 +498,7 @@ def main(args: Args) -> dict[str, float]:
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
               "episode_ids": "calibration",  # the ids `success` was measured on (common.calibration_episode_ids)
               "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding),
-              "receptacle_pairs": len(pairs) // 2}
+              "receptacle_pairs": len(pair_actions) // 2}
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()
     print(f"wrote {output} (held-out success: {recipe['success']})")

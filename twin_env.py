@@ -280,8 +280,20 @@ def ind_episode(episode_id: int) -> TwinEpisode:
 
 
 def broad_pretrain_episode(episode_id: int) -> TwinEpisode:
-    """A `pretrain_broad` configuration: drawn afresh, not an edit of the ind episode."""
-    rng = np.random.default_rng([zlib.crc32(b"pretrain_broad"), episode_id])
+    """A `pretrain_broad` configuration: drawn afresh, not an edit of the ind episode. A layout
+    that leaves no room for the next thing (~1 id in 2,000: a start pose and two receptacles in
+    the middle) is drawn again from the id's next stream."""
+    for attempt in range(100):
+        rng = np.random.default_rng([zlib.crc32(b"pretrain_broad"), episode_id, *([attempt] if attempt else [])])
+        try:
+            return broad_layout(rng, episode_id)
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"pretrain_broad episode {episode_id}: no layout in 100 draws")
+
+
+def broad_layout(rng: np.random.Generator, episode_id: int) -> TwinEpisode:
+    """One draw of broad_pretrain_episode's; RuntimeError when something cannot be placed."""
     start = GRIPPER_HOME
     if rng.random() < BROAD_START_POSE_P:
         start = (float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.1, 0.9)))

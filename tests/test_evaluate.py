@@ -176,6 +176,57 @@ def test_calibration_plays_ids_no_evaluation_plays_and_shows_intervals() -> None
     assert "[" not in plain
 
 
+def test_paired_differences_and_their_bootstrap_intervals_on_known_answers(tmp_path: Path) -> None:
+    # 400 paired episodes: PPO alone succeeds on 40, SFT alone on 20, both or neither on the rest:
+    # PPO - SFT = +5 points; per-episode sd sqrt(0.15 * 100^2 - 5^2) = 38.4, so the normal 95%
+    # interval is 5 +- 1.96 * 38.4 / 20 = [1.24, 8.76]; the bootstrap's must be close to it.
+    sft = [True] * 200 + [False] * 200
+    ppo = [True] * 180 + [False] * 20 + [True] * 40 + [False] * 160
+    vision_sft, vision_ppo = [True] * 10 + [False] * 90, [False] * 10 + [True] * 10 + [False] * 80
+    results = {"SFT": {"ind": [outcomes(sft)], "unseen_table": [outcomes(vision_sft)], "noise_weak": [outcomes(vision_ppo)]},
+               "PPO": {"ind": [outcomes(ppo)], "unseen_table": [outcomes(vision_ppo)], "noise_weak": [outcomes(vision_sft)]},
+               "same": {"ind": [outcomes(sft)], "unseen_table": [outcomes(vision_sft)], "noise_weak": [outcomes(vision_ppo)]}}
+    compared = evaluate_ood.paired_differences(results, "SFT")
+    assert set(compared) == {"PPO", "same"}
+    assert compared["PPO"]["ind"]["difference"] == pytest.approx(5.0)
+    np.testing.assert_allclose(compared["PPO"]["ind"]["ci95"], (1.24, 8.76), atol=0.6)
+    assert compared["same"]["ind"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    # vision: unseen_table +0 (10 vs 10, other episodes), noise_weak +0 the other way round: each
+    # split's difference is 0, their average 0, and the interval covers the swaps' noise on both sides.
+    assert compared["PPO"]["avg:vision"]["difference"] == pytest.approx(0.0)
+    low, high = compared["PPO"]["avg:vision"]["ci95"]
+    assert low < -2 and high > 2
+
+    # Hierarchical: 4 training runs, two at +0 and two at +20 on every episode. Pooled as one run,
+    # the episodes say 10 +- nothing; drawn run first, the interval spans the runs: [0, 20].
+    runs = np.array([[0.0] * 50, [0.0] * 50, [20.0] * 50, [20.0] * 50])
+    np.testing.assert_allclose(np.percentile(evaluate_ood.bootstrap_differences({"ind": runs})["ind"], [2.5, 97.5]),
+                               (0.0, 20.0))
+    pooled = np.percentile(evaluate_ood.bootstrap_differences({"ind": runs.reshape(1, -1)})["ind"], [2.5, 97.5])
+    assert 7 < pooled[0] < pooled[1] < 13
+
+    other = {"SFT": results["SFT"], "PPO": {**results["PPO"], "ind": [EpisodeOutcomes(
+        np.arange(400) + 1, np.array(ppo), np.array(ppo), np.zeros(400), 1.0)]}}
+    with pytest.raises(ValueError, match="played different episodes of ind"):
+        evaluate_ood.paired_differences(other, "SFT")
+
+    args = Args(checkpoint=["SFT", "PPO"], seeds=(0,), episodes=400, reference="SFT", paper_columns=False)
+    summary = evaluate_ood.summarise(results)
+    for label, rows in compared.items():
+        for key, paired in rows.items():
+            summary[label][key]["vs_reference"] = {"reference": "SFT", **paired}
+    table = evaluate_ood.format_table(summary, ["ind", "unseen_table", "noise_weak"], args)
+    assert "PPO - SFT" in table and "same - SFT" in table
+    ind_row = next(line for line in table.splitlines() if line.startswith("ind"))
+    assert "+5.0 [" in ind_row and "+0.0 [ +0.0,  +0.0]" in ind_row
+    evaluate_ood.write_csv(tmp_path / "r.csv", summary, args)
+    rows = {(r["checkpoint"], r["split"]): r for r in csv.DictReader(open(tmp_path / "r.csv"))}
+    assert rows[("PPO", "ind")]["difference"] == "5.00" and rows[("PPO", "ind")]["reference"] == "SFT"
+    assert rows[("SFT", "ind")]["difference"] == ""
+    with pytest.raises(ValueError, match="--reference 'RL' must name one of"):
+        evaluate_ood.check_args(Args(checkpoint=["SFT=a", "PPO=b"], reference="RL", output_dir=str(tmp_path / "o")))
+
+
 def test_one_seed_shows_no_spread_and_several_do() -> None:
     one = {"ppo": {"ind": [outcomes([True, False])], "noise_weak": [outcomes([True, True])]}}
     splits = ["ind", "noise_weak"]
@@ -233,7 +284,7 @@ def test_two_checkpoints_on_two_splits(checkpoints, tmp_path, monkeypatch, capsy
     out = tmp_path / "eval"
     args = Args(checkpoint=[str(checkpoints[0].parent), f"perturbed={checkpoints[1]}"], env="twin",
                 splits=("pretrain", "ind"), episodes=2, seeds=(0, 1), num_envs=2, max_episode_steps=2,
-                video=1, output_dir=str(out), device="cpu")
+                video=1, output_dir=str(out), device="cpu", reference="run_0")
     summary = evaluate_ood.main(args)
     printed = capsys.readouterr().out
 
@@ -259,6 +310,13 @@ def test_two_checkpoints_on_two_splits(checkpoints, tmp_path, monkeypatch, capsy
                 assert len(run["success"]) == 2
                 rate = 100 * np.mean(run["success"])
                 assert document["summary"][label][split]["per_seed"][i] == pytest.approx(rate)
+        # --reference run_0: perturbed's paired difference over both seeds' episodes, in points.
+        paired = [np.subtract(*(np.array(document["episodes"][label][split][i]["success"], float)
+                                for label in ("perturbed", "run_0"))) for i in (0, 1)]
+        versus = document["summary"]["perturbed"][split]["vs_reference"]
+        assert versus["reference"] == "run_0" and versus["difference"] == pytest.approx(100 * np.mean(paired))
+        assert versus["ci95"][0] <= versus["difference"] <= versus["ci95"][1]
+        assert "vs_reference" not in document["summary"]["run_0"][split]
 
     # CSV: one row per checkpoint and split or dimension average, with the JSON's numbers.
     rows = list(csv.DictReader(open(out / "results.csv")))

@@ -162,3 +162,48 @@ def test_the_second_cycle_starts_from_the_first_cycles_model(tmp_path) -> None:
         pretrain_tiny.check_args(other)
     with pytest.raises(ValueError, match="--split must be pretrain or pretrain_broad"):
         pretrain_tiny.check_args(pretrain_tiny.Args(**small, split="ind"))
+
+
+def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    # --fresh-demos: each rank collects new demonstrations every --fresh-every steps and drops its
+    # oldest. A run interrupted after a refresh and after the second cycle began rebuilds what it
+    # held (the stream is a function of seed, rank and batch number) and ends on the same weights.
+    import pretrain_tiny
+    small = dict(split="pretrain_broad", action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
+                 heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100, eval_episodes=4,
+                 save_every=1, grounding_steps=1, base_steps=4, receptacle_steps=2, receptacle_mix_steps=2,
+                 demo_dir=str(tmp_path / "demos"))
+    whole = pretrain_tiny.Args(**small, output=str(tmp_path / "whole"), run_dir=str(tmp_path / "run_whole"))
+    pretrain_tiny.main(whole)
+
+    loss, calls = pretrain_tiny.action_token_loss, []
+
+    def interrupted_at_step_six(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+    parts = pretrain_tiny.Args(**small, output=str(tmp_path / "parts"), run_dir=str(tmp_path / "run_parts"))
+    monkeypatch.setattr(pretrain_tiny, "action_token_loss", interrupted_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_tiny.main(parts)
+    monkeypatch.setattr(pretrain_tiny, "action_token_loss", loss)
+    pretrain_tiny.main(pretrain_tiny.Args(**{**small, "resume": True}, output=parts.output, run_dir=parts.run_dir))
+
+    made = {name: json.loads((tmp_path / name / "pretrain_config.json").read_text()) for name in ("whole", "parts")}
+    assert made["parts"]["fingerprint"] == made["whole"]["fingerprint"]
+    assert made["parts"]["base_fingerprint"] == made["whole"]["base_fingerprint"] is not None
+    assert made["whole"]["receptacle_pairs"] > 0
+    held = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
+    assert held and all(len(d.images) == len(d.actions) == len(d.instructions) for d in held)
+    again = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
+    assert all(np.array_equal(a.images, b.images) for a, b in zip(held, again, strict=True))
+    other_rank = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 0, pretrain_tiny.Args(**small))
+    assert {r["episode_seed"] for d in held for r in d.records}.isdisjoint(
+        {r["episode_seed"] for d in other_rank for r in d.records})
+    with pytest.raises(ValueError, match="multiple of --fresh-demos"):
+        pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "num_demos": 12}))
+
+
+def make_twin_envs():
+    return make_vec_env("pretrain_broad", 8, 32, env="twin")
