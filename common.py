@@ -304,6 +304,24 @@ class ActorCritic(nn.Module):
         index = tokens - self.action_tokenizer.first_id  # [B, 7] in 0..255
         return self.action_logits(hidden), index, self.value_from_hidden(inputs, hidden)
 
+    # --- forgetting: how far the policy has moved from its base --------------------------------
+
+    @torch.no_grad()
+    def kl_from_base(self, images: np.ndarray | torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
+        """KL(pi_base || pi) of the 7-token action distribution at temperature 1, per observation [B]
+        (nats): a token sequence drawn from the base (adapters off), then on its prefixes the sum of
+        the 7 per-token KLs, an unbiased estimate of the joint KL. The forgetting measure of "RL's
+        Razor" (Shenfeld et al. 2025, arXiv 2509.04259). Draws from torch's generator: callers that
+        must not shift their own sampling fork it (torch.random.fork_rng)."""
+        with self.policy.disable_adapter():
+            inputs = self.prepare_inputs(images, instructions)
+            embeds = self.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
+            tokens, _, _ = self.sample_action_tokens(embeds, inputs.attention_mask, 1.0, "kl_from_base")
+            base_logits, _, _ = self.teacher_forced(images, instructions, tokens)  # [B, 7, 256]
+        logits, _, _ = self.teacher_forced(images, instructions, tokens)
+        base, tuned = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+        return (base.exp() * (base - tuned)).sum((-1, -2)).float()
+
     # --- a frozen reference policy (GRPO's KL anchor) --------------------------------------------
 
     def freeze_reference(self, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -654,6 +672,7 @@ class EpisodeOutcomes:
     returns: np.ndarray
     seconds: float
     videos: list[np.ndarray] = field(default_factory=list)  # uint8 [T + 1, H, W, 3] each
+    kl_from_base: np.ndarray | None = None  # mean KL(pi_base || pi) over each episode's states (evaluate_ood --kl)
 
     @property
     def success_rate(self) -> float:

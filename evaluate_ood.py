@@ -68,6 +68,9 @@ class Args:
     calibration: bool = False
     """play the calibration episode ids instead of the evaluation ones (docs/STUDY_PROTOCOL.md:
     what the base and the warm-up are tuned on); the table then gives 95% Wilson intervals"""
+    kl: bool = False
+    """also measure each checkpoint's KL(pi_base || pi) of the action tokens on the states its
+    episodes visit, per split (forgetting; three model passes more per step)"""
     reference: str | None = None
     """label of the checkpoint the others are compared with: per split and dimension, the paired
     difference in points over the same episodes, with a 95% bootstrap interval over episodes"""
@@ -217,7 +220,25 @@ def episode_ids_of(split: str, seed: int, args: Args) -> np.ndarray:
 
 
 
-def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, image_size: int,
+class RecordingKL:
+    """The agent as a policy that also records KL(pi_base || pi) at every state it acts in.
+    The KL's draws come from a fork of torch's generator: the actions are those of as_policy."""
+
+    def __init__(self, agent: Any, temperature: float) -> None:
+        self.agent, self.temperature, self.steps = agent, temperature, []
+
+    def __call__(self, obs: dict) -> Any:
+        with torch.random.fork_rng(devices=[self.agent.device] if self.agent.device.type == "cuda" else []):
+            self.steps.append(self.agent.kl_from_base(obs["image"], obs["instruction"]).cpu().numpy())
+        return self.agent.act(obs["image"], obs["instruction"], self.temperature)
+
+    def episode_means(self, count: int) -> np.ndarray:
+        """The mean KL over the states of the first COUNT envs' episode [COUNT]; starts afresh."""
+        means, self.steps = np.stack(self.steps).mean(0)[:count], []
+        return means
+
+
+def evaluate_on_splits(agent: Any, label: str, splits: list[str], args: Args, image_size: int,
                        progress: tqdm, render_device: str | None = None) -> dict[str, list[EpisodeOutcomes]]:
     """split -> one EpisodeOutcomes per seed, the same on every rank.
 
@@ -235,6 +256,7 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
                         max_episode_steps=args.max_episode_steps, env=args.env, num_workers=args.num_workers,
                         render_device=render_device)
     played = [min(batch_size, args.episodes - start) for start in starts]  # episodes per batch
+    policy = RecordingKL(agent, args.temperature) if args.kl else agent.as_policy(args.temperature)
     mine: dict[tuple[str, int, int], EpisodeOutcomes] = {}
     try:
         for turn, (split, seed, b) in enumerate(jobs[rank::world]):
@@ -245,6 +267,8 @@ def evaluate_on_splits(policy: Any, label: str, splits: list[str], args: Args, i
             torch.manual_seed(zlib.crc32(f"{seed}/{split}/{b}".encode()))
             videos = max(0, args.video - starts[b]) if seed == args.seeds[0] else 0
             mine[split, seed, b] = evaluate_policy(policy, envs, ids, videos)
+            if args.kl:
+                mine[split, seed, b].kl_from_base = policy.episode_means(len(ids))
             # the bar (rank 0's) counts this turn's batches of all ranks, played meanwhile
             progress.update(sum(played[job[2]] for job in jobs[turn * world:(turn + 1) * world]))
     finally:
@@ -272,10 +296,12 @@ def gather_batches(mine: dict[tuple[str, int, int], EpisodeOutcomes]
 
 def merge_batches(batches: list[EpisodeOutcomes]) -> EpisodeOutcomes:
     """The batches of one (split, seed), in order -> one EpisodeOutcomes."""
+    kl = [o.kl_from_base for o in batches]
     return EpisodeOutcomes(*(np.concatenate([getattr(o, f) for o in batches])
                              for f in ("episode_ids", "success", "success_once", "returns")),
                            seconds=sum(o.seconds for o in batches),
-                           videos=[v for o in batches for v in o.videos])
+                           videos=[v for o in batches for v in o.videos],
+                           kl_from_base=None if kl[0] is None else np.concatenate(kl))
 
 
 # ---------------------------------------------------------------------------- summary
@@ -306,9 +332,13 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str,
         for split, runs in by_split.items():
             successes = int(sum(o.success.sum() for o in runs))
             rows[split]["wilson95"] = wilson_interval(successes, sum(len(o.success) for o in runs))
+            if runs[0].kl_from_base is not None:  # nats per state, over every episode of every seed
+                rows[split]["kl_from_base"] = float(np.mean(np.concatenate([o.kl_from_base for o in runs])))
         for dimension, members in grouped_splits(list(by_split)).items():
             per_seed = np.mean([rows[s]["per_seed"] for s in members], axis=0)
             rows[f"avg:{dimension}"] = mean_std([float(x) for x in per_seed])
+            if all("kl_from_base" in rows[s] for s in members):
+                rows[f"avg:{dimension}"]["kl_from_base"] = float(np.mean([rows[s]["kl_from_base"] for s in members]))
         summary[label] = rows
     return summary
 
@@ -428,6 +458,24 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     return "\n".join(lines)
 
 
+def format_kl_table(summary: dict[str, dict[str, dict]], splits: list[str]) -> str:
+    """KL(pi_base || pi) per split and dimension average, one column per checkpoint (--kl)."""
+    labels = list(summary)
+    width, name_width = max(8, *(len(label) for label in labels)), max(16, *(len(s) + 2 for s in splits))
+    header = f"{'split':<{name_width}}" + "".join(f"  {label:>{width}}" for label in labels)
+    lines = ["KL(pi_base || pi) of the action tokens at temperature 1, nats per state, mean over the "
+             "states of each checkpoint's own episodes (forgetting: 0 = the base's policy)", header, "-" * len(header)]
+    for dimension, members in grouped_splits(splits).items():
+        keys = [(split, f"  {split}") for split in members] if members != [dimension] else [(dimension, dimension)]
+        if members != [dimension]:
+            lines.append(dimension)
+            keys += [(f"avg:{dimension}", "  average")] if len(members) > 1 else []
+        for key, name in keys:
+            lines.append(f"{name:<{name_width}}" + "".join(f"  {summary[label][key]['kl_from_base']:>{width}.4f}"
+                                                            for label in labels))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- files
 
 
@@ -446,7 +494,8 @@ def write_json(path: Path, results: dict[str, dict[str, list[EpisodeOutcomes]]],
                 split: [
                     {"seed": seed, "episode_ids": o.episode_ids.tolist(), "success": o.success.tolist(),
                      "success_once": o.success_once.tolist(), "returns": o.returns.tolist(),
-                     "seconds": o.seconds}
+                     "seconds": o.seconds,
+                     **({} if o.kl_from_base is None else {"kl_from_base": o.kl_from_base.tolist()})}
                     for seed, o in zip(args.seeds, runs, strict=True)
                 ]
                 for split, runs in by_split.items()
@@ -463,7 +512,7 @@ def write_csv(path: Path, summary: dict[str, dict[str, dict]], args: Args) -> No
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "dimension", "split", "mean", "std",
                          *(f"seed_{seed}" for seed in args.seeds), "wilson95_low", "wilson95_high",
-                         "reference", "difference", "difference95_low", "difference95_high"])
+                         "reference", "difference", "difference95_low", "difference95_high", "kl_from_base"])
         for label, rows in summary.items():
             for key, stats in rows.items():
                 dimension, split = (key[4:], "average") if key.startswith("avg:") else (dimension_of(key), key)
@@ -472,7 +521,8 @@ def write_csv(path: Path, summary: dict[str, dict[str, dict]], args: Args) -> No
                 paired = ([versus["reference"], f"{versus['difference']:.2f}", *(f"{x:.2f}" for x in versus["ci95"])]
                           if versus else ["", "", "", ""])
                 writer.writerow([label, dimension, split, f"{stats['mean']:.2f}", f"{stats['std']:.2f}",
-                                 *(f"{x:.2f}" for x in stats["per_seed"]), *interval, *paired])
+                                 *(f"{x:.2f}" for x in stats["per_seed"]), *interval, *paired,
+                                 f"{stats['kl_from_base']:.4f}" if "kl_from_base" in stats else ""])
 
 
 def plot_chart(path: Path, summary: dict[str, dict[str, dict]], splits: list[str], args: Args) -> None:
@@ -571,7 +621,7 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
         for label, path in checkpoints:
             policy = load_policy(path, args, device)
             image_size = args.image_size or policy.image_size
-            results[label] = evaluate_on_splits(policy.as_policy(args.temperature), label, splits, args,
+            results[label] = evaluate_on_splits(policy, label, splits, args,
                                                 image_size, progress, render_device=str(device))
             del policy  # free its memory before the next one loads
 
@@ -582,6 +632,8 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
                 summary[label][key]["vs_reference"] = {"reference": args.reference, **paired}
     if rank == 0:
         print(format_table(summary, splits, args))
+        if args.kl:
+            print("\n" + format_kl_table(summary, splits))
         write_json(output_dir / "results.json", results, summary, checkpoints, splits, args)
         write_csv(output_dir / "results.csv", summary, args)
         plot_chart(output_dir / "success.png", summary, splits, args)

@@ -746,3 +746,26 @@ def test_global_helpers_on_one_process() -> None:
     assert common.global_mean([1.0, 2.0, 6.0]) == 3.0 and math.isnan(common.global_mean([]))
     mean, std = common.global_mean_std(torch.tensor([1.0, 2.0, 3.0]))
     assert (mean, std) == pytest.approx((2.0, 1.0))
+
+
+def test_kl_from_base_estimates_the_joint_kl_of_the_seven_tokens(agent) -> None:
+    # Its per-observation estimate (per-token KLs on a base-drawn prefix) must agree with the plain
+    # Monte Carlo one, mean over base-drawn sequences of log pi_base(a) - log pi(a); and the base
+    # itself (adapters off) is at exactly 0.
+    images = np.random.default_rng(0).integers(0, 256, (1, agent.image_size, agent.image_size, 3), np.uint8)
+    images, instructions = np.repeat(images, 600, 0), ["put red cube on plate"] * 600
+    torch.manual_seed(0)
+    estimate = agent.kl_from_base(images, instructions)
+    assert estimate.shape == (600,) and (estimate >= 0).all()
+    with torch.no_grad():
+        with agent.policy.disable_adapter():
+            tokens = agent.act(images, instructions, 1.0).tokens
+            base_logprob, _, _ = agent.score_actions(images, instructions, tokens)
+        logprob, _, _ = agent.score_actions(images, instructions, tokens)
+    plain = (base_logprob - logprob).double()
+    assert plain.mean() > 0.05, "precondition: the perturbed adapters move the policy"
+    standard_error = float(plain.std() / math.sqrt(len(plain)))
+    assert abs(float(estimate.double().mean() - plain.mean())) < 4 * standard_error + 1e-3
+    assert float(estimate.std()) < float(plain.std()), "the per-token sum is the lower-variance estimate"
+    with agent.policy.disable_adapter():
+        assert float(agent.kl_from_base(images[:4], instructions[:4]).abs().max()) == 0.0

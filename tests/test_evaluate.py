@@ -395,3 +395,30 @@ def test_a_diverged_checkpoint_is_one_line_from_the_command_line(checkpoints, tm
                      "--output-dir", str(tmp_path / "eval"), "--device", "cpu")
     assert result.returncode == 1
     assert_one_line_error(result, "action_logits is", progress_bars=True)
+
+
+def test_kl_from_the_base_is_zero_for_the_base_and_leaves_the_outcomes_alone(checkpoints, tmp_path, capsys) -> None:
+    # --kl: every checkpoint's KL(pi_base || pi) on its own episodes' states. run_0's adapters are
+    # B = 0 (the base itself): exactly 0; the perturbed one's is positive. The KL draws from a fork
+    # of torch's generator, so every episode ends as it does without --kl.
+    common = dict(checkpoint=[str(checkpoints[0].parent), f"perturbed={checkpoints[1]}"], env="twin",
+                  splits=("ind", "noise_weak"), episodes=3, seeds=(0,), num_envs=2, max_episode_steps=3,
+                  device="cpu", paper_columns=False)
+    plain = evaluate_ood.main(Args(**common, output_dir=str(tmp_path / "plain")))
+    measured = evaluate_ood.main(Args(**common, output_dir=str(tmp_path / "kl"), kl=True))
+    printed = capsys.readouterr().out
+    for name in ("plain", "kl"):
+        document = json.loads((tmp_path / name / "results.json").read_text())
+        episodes = {(label, split): runs[0]["success"] for label, by_split in document["episodes"].items()
+                    for split, runs in by_split.items()}
+        if name == "plain":
+            expected = episodes
+        assert episodes == expected
+    kl = {label: document["episodes"][label]["ind"][0]["kl_from_base"] for label in ("run_0", "perturbed")}
+    assert kl["run_0"] == [0.0, 0.0, 0.0] and min(kl["perturbed"]) > 0 and len(kl["perturbed"]) == 3
+    assert measured["perturbed"]["ind"]["kl_from_base"] == pytest.approx(np.mean(kl["perturbed"]))
+    assert measured["perturbed"]["avg:vision"]["kl_from_base"] == measured["perturbed"]["noise_weak"]["kl_from_base"]
+    assert "kl_from_base" not in plain["perturbed"]["ind"]
+    assert "KL(pi_base || pi)" in printed
+    rows = {(r["checkpoint"], r["split"]): r for r in csv.DictReader(open(tmp_path / "kl" / "results.csv"))}
+    assert float(rows[("perturbed", "ind")]["kl_from_base"]) == pytest.approx(np.mean(kl["perturbed"]), abs=1e-4)
