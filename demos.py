@@ -36,6 +36,7 @@ from tqdm import tqdm
 from common import ActOutput, EpisodeLoop, expert_policy
 from envs import make_vec_env
 from tasks import MAX_EPISODE_ID
+from twin_env import GRIPPER_COLOUR, STEP, robot_of
 
 ROLES = ("train", "heldout")
 ENV_IDS = {"maniskill": "PutOn-v1", "twin": "PutOnTwin-v1"}  # registered with ManiSkill / gymnasium
@@ -45,7 +46,8 @@ MIN_TRANSLATION, MIN_ROTATION = 0.1, 0.6
 
 
 # A manifest written before a setting existed was collected the one way there was then.
-MANIFEST_BEFORE_THE_KEY = {"idle_steps_after_success": "dropped"}
+MANIFEST_BEFORE_THE_KEY = {"idle_steps_after_success": "dropped",
+                           "robot": {"gripper_colour": list(GRIPPER_COLOUR), "step": STEP}}
 
 
 class DemoError(ValueError):
@@ -251,6 +253,8 @@ def ensure_demos(demo_dir: Path, wanted: dict[str, int], env: str, split: str, i
                 "env_kwargs": {"env": env, "split": split, "image_size": image_size},
                 "steps_after_success": success_steps, "demo_seed": seed, "action_noise": action_noise,
                 "idle_steps_after_success": "kept" if keep_success_steps else "dropped"}
+    if env == "twin":  # the twin's study domain may show another robot than its pretraining
+        env_info["robot"] = robot_of(split)
     check_manifest(demo_dir, env_info)
     result, envs = {}, None
     try:

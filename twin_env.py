@@ -267,6 +267,14 @@ def outside_xy(rng: np.random.Generator, occupied: Occupied) -> XY:
     raise RuntimeError("could not place outside the grid")
 
 
+def robot_of(split: str) -> dict[str, Any]:
+    """The robot a split shows (gripper colour and step): pretraining's, or the study domain's.
+    Demonstration directories record it, so demos of another robot are never mixed in (demos.py)."""
+    pretraining = split in TWIN_ONLY_SPLITS
+    return {"gripper_colour": list(GRIPPER_COLOUR if pretraining else STUDY_GRIPPER_COLOUR),
+            "step": STEP if pretraining else STUDY_STEP}
+
+
 def ind_episode(episode_id: int) -> TwinEpisode:
     """The in-distribution configuration of an id: every split starts from it."""
     rng = np.random.default_rng([0, episode_id])

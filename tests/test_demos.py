@@ -92,6 +92,27 @@ def test_idle_steps_after_success_can_be_dropped_as_before(tmp_path: Path) -> No
         collect(tmp_path, train=4)  # the default keeps them: not mixed into one data set
 
 
+def test_demos_of_another_robot_are_never_mixed_in(tmp_path: Path, monkeypatch) -> None:
+    # The twin's study domain may show another gripper than pretraining (twin_env.robot_of): a
+    # directory collected with one is refused for the other; a manifest from before the key was
+    # collected with pretraining's robot.
+    import twin_env
+    collect(tmp_path, train=2)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["robot"] == twin_env.robot_of("ind")
+    monkeypatch.setattr(twin_env, "STUDY_GRIPPER_COLOUR", (200, 40, 40))
+    with pytest.raises(DemoError, match="robot="):
+        collect(tmp_path, train=2)
+    monkeypatch.undo()
+    del manifest["robot"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    if twin_env.robot_of("ind") == twin_env.robot_of("pretrain_broad"):
+        collect(tmp_path, train=2)  # the study domain is pretraining's: the old directory still fits
+    else:
+        with pytest.raises(DemoError, match="robot="):
+            collect(tmp_path, train=2)
+
+
 def test_a_chunk_loads_with_maniskills_own_loader(tmp_path: Path) -> None:
     dataset_module = pytest.importorskip("mani_skill.trajectory.dataset")
     records = collect(tmp_path, train=4)["train"]
