@@ -36,7 +36,7 @@ test: setup lint
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
 
-# The same study with more seeds and episodes per split (not yet timed on this machine).
+# The same study with 3 training seeds of every stage and more evaluation episodes (hours).
 study: setup
 	PY=$(PY) STUDY=1 bash scripts/demo.sh
 

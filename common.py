@@ -1223,12 +1223,17 @@ def show_progress(bar: Any, metrics: dict[str, float]) -> None:
                     sps=f"{metrics['time/env_steps_per_s']:.0f}", refresh=False)
 
 
-def save_run(checkpoint: Path, agent: ActorCritic, state: dict[str, Any], flags: dict[str, Any]) -> None:
+def save_run(checkpoint: Path, agent: ActorCritic, state: dict[str, Any], flags: dict[str, Any],
+             snapshot: str | None = None) -> None:
     """Checkpoint a training run: every rank calls (their RNG states are gathered), rank 0
-    writes `checkpoint` with the run's flags and the RNG states added to the trainer state."""
+    writes `checkpoint` with the run's flags and the RNG states added to the trainer state, and
+    with `snapshot` also keeps a copy as RUN/snapshots/SNAPSHOT (success along training:
+    scripts/matched_ind.py compares methods at the same in-distribution success)."""
     state = {**state, "rng": gather_objects(rng_state()), "args": flags}
     if world_info()[0] == 0:
         save_checkpoint(checkpoint, agent, state)
+        if snapshot is not None:
+            shutil.copytree(checkpoint, checkpoint.parent / "snapshots" / snapshot, dirs_exist_ok=True)
 
 
 USER_ERRORS = (CheckpointError, NonFiniteError, ValueError, FileNotFoundError, RenderingUnavailable)

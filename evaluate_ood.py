@@ -39,7 +39,8 @@ from tasks import SPLITS, RenderingUnavailable, valid_splits  # numpy only: chec
 class Args:
     checkpoint: Annotated[list[str], tyro.conf.UseAppendAction]
     """checkpoint to evaluate (required, repeatable): a run directory (or its checkpoint/) of any
-    training script, or 'base' for the base model without adapter; NAME=PATH sets its label"""
+    training script, or 'base' for the base model without adapter; NAME=PATH sets its label, and
+    NAME repeated marks training runs (seeds) of one method: rates pooled, spread over the runs"""
     env: Literal["maniskill", "twin"] = "maniskill"
     """task family: the ManiSkill3 benchmark, or its fast 2D twin"""
     splits: tuple[str, ...] = ("all",)
@@ -73,7 +74,8 @@ class Args:
     episodes visit, per split (forgetting; three model passes more per step)"""
     reference: str | None = None
     """label of the checkpoint the others are compared with: per split and dimension, the paired
-    difference in points over the same episodes, with a 95% bootstrap interval over episodes"""
+    difference in points over the same episodes, with a 95% bootstrap interval (over training runs,
+    then episodes: run k of a method is paired with run k of the reference, or with its one run)"""
     paper_columns: bool = True
     """print the paper's SFT-16k and PPO rates beside ours (ManiSkill numbers: direction only)"""
     output_dir: str = "results/eval_ood"
@@ -100,12 +102,23 @@ def check_args(args: Args) -> None:
                      required=any(parse_checkpoint(spec)[1] == "base" for spec in args.checkpoint))
     if not labels:
         raise ValueError("nothing to evaluate: give --checkpoint RUN_DIR (repeatable), NAME=RUN_DIR or base")
-    for label in labels:
-        if labels.count(label) > 1:
-            raise ValueError(f"two checkpoints are labelled {label!r}; name them with NAME=PATH")
-    if args.reference is not None and (args.reference not in labels or len(labels) < 2):
-        raise ValueError(f"--reference {args.reference!r} must name one of two or more checkpoints "
-                         f"(labels: {', '.join(labels)})")
+    for spec in args.checkpoint:  # a label repeated on purpose (NAME=PATH) names training runs
+        label, path = parse_checkpoint(spec)
+        if labels.count(label) > 1 and "=" not in spec:
+            raise ValueError(f"two checkpoints are labelled {label!r}; name them with NAME=PATH (a NAME "
+                             "repeated marks training runs of one method)")
+        if [parse_checkpoint(other) for other in args.checkpoint].count((label, path)) > 1:
+            raise ValueError(f"--checkpoint {spec} is given twice")
+    methods = list(dict.fromkeys(labels))
+    if args.reference is not None:
+        if args.reference not in methods or len(methods) < 2:
+            raise ValueError(f"--reference {args.reference!r} must name one of two or more checkpoints "
+                             f"(labels: {', '.join(methods)})")
+        runs = labels.count(args.reference)
+        for label in methods:
+            if runs > 1 and labels.count(label) not in (1, runs):
+                raise ValueError(f"{label} has {labels.count(label)} training runs and the reference "
+                                 f"{args.reference} {runs}: pairing needs the same number (or one)")
 
 
 def resolve_splits(requested: tuple[str, ...], env: str) -> list[str]:
@@ -312,6 +325,17 @@ def mean_std(per_seed: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
 
 
+def rates_summary(rates: np.ndarray) -> dict[str, Any]:
+    """Success rates [R training runs, S evaluation seeds] -> mean, std and per_seed (the mean over
+    runs); with several runs also per_run, and the std is then the spread between training runs
+    (sample std: what a new run would differ by), not the evaluation seeds'."""
+    if len(rates) == 1:
+        return mean_std([float(x) for x in rates[0]])
+    per_run = rates.mean(axis=1)
+    return {"mean": float(rates.mean()), "std": float(np.std(per_run, ddof=1)),
+            "per_seed": [float(x) for x in rates.mean(axis=0)], "per_run": [float(x) for x in per_run]}
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a success rate, in %: sensible at 0 and n successes too."""
     p = successes / n
@@ -319,24 +343,29 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
 
 
-def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]]) -> dict[str, dict[str, dict]]:
-    """label -> {split, or 'avg:DIMENSION' -> success rate in %: mean, std, per_seed; a split also
-    'wilson95', the 95% interval of its rate over all its episodes}.
+def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]],
+              runs_of: dict[str, int] | None = None) -> dict[str, dict[str, dict]]:
+    """label -> {split, or 'avg:DIMENSION' -> success rate in %: mean, std, per_seed (and per_run);
+    a split also 'wilson95', the 95% interval of its rate over all its episodes}. A label's list
+    holds its training runs' evaluation seeds, run after run (runs_of[label] runs; default 1).
 
-    A dimension's average is taken per seed over its splits, then mean +- std over seeds: the
-    same mean as the paper's average of split means, and a std that is the seed spread of it.
+    A dimension's average is taken per (run, seed) over its splits, then mean +- std over seeds
+    (over training runs when there are several): the same mean as the paper's average of split
+    means, and a std that is the spread of it.
     """
     summary: dict[str, dict[str, dict]] = {}
     for label, by_split in results.items():
-        rows = {split: mean_std([100 * o.success_rate for o in runs]) for split, runs in by_split.items()}
+        count = (runs_of or {}).get(label, 1)
+        rates = {split: 100 * np.array([o.success_rate for o in runs]).reshape(count, -1)
+                 for split, runs in by_split.items()}  # [R, S] each
+        rows = {split: rates_summary(r) for split, r in rates.items()}
         for split, runs in by_split.items():
             successes = int(sum(o.success.sum() for o in runs))
             rows[split]["wilson95"] = wilson_interval(successes, sum(len(o.success) for o in runs))
             if runs[0].kl_from_base is not None:  # nats per state, over every episode of every seed
                 rows[split]["kl_from_base"] = float(np.mean(np.concatenate([o.kl_from_base for o in runs])))
         for dimension, members in grouped_splits(list(by_split)).items():
-            per_seed = np.mean([rows[s]["per_seed"] for s in members], axis=0)
-            rows[f"avg:{dimension}"] = mean_std([float(x) for x in per_seed])
+            rows[f"avg:{dimension}"] = rates_summary(np.mean([rates[s] for s in members], axis=0))
             if all("kl_from_base" in rows[s] for s in members):
                 rows[f"avg:{dimension}"]["kl_from_base"] = float(np.mean([rows[s]["kl_from_base"] for s in members]))
         summary[label] = rows
@@ -368,11 +397,21 @@ def bootstrap_differences(differences: dict[str, np.ndarray], samples: int = 200
     return with_dimension_averages(drawn)
 
 
-def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], reference: str
-                       ) -> dict[str, dict[str, dict]]:
+def success_by_run(outcomes: list[EpisodeOutcomes], runs: int) -> np.ndarray:
+    """The runs' evaluation seeds, run after run -> success [R, N] (every seed's episodes per run)."""
+    seeds = len(outcomes) // runs
+    return np.stack([np.concatenate([o.success for o in outcomes[k * seeds:(k + 1) * seeds]])
+                     for k in range(runs)]).astype(float)
+
+
+def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], reference: str,
+                       runs_of: dict[str, int] | None = None) -> dict[str, dict[str, dict]]:
     """label -> {split or 'avg:DIMENSION' -> {'difference': the mean paired difference in points
     (label minus reference, over the same episodes), 'ci95': its 95% bootstrap interval}} for every
-    checkpoint but the reference. One training run per checkpoint: the interval is over episodes."""
+    checkpoint but the reference. With several training runs (runs_of, as in summarise) run k is
+    paired with the reference's run k (or one side's only run with each of the other's), and the
+    interval is over runs, then episodes (bootstrap_differences)."""
+    runs_of = runs_of or {}
     compared: dict[str, dict[str, dict]] = {}
     for label, by_split in results.items():
         if label == reference:
@@ -380,11 +419,12 @@ def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], ref
         differences = {}
         for split, runs in by_split.items():
             theirs = results[reference][split]
-            for ours, ref in zip(runs, theirs, strict=True):
-                if not np.array_equal(ours.episode_ids, ref.episode_ids):
-                    raise ValueError(f"{label} and {reference} played different episodes of {split}")
-            success = [np.concatenate([o.success for o in r]).astype(float) for r in (runs, theirs)]
-            differences[split] = 100 * (success[0] - success[1])[None]  # [1, N]
+            ours_ids, their_ids = (np.concatenate([o.episode_ids for o in r[:len(r) // runs_of.get(name, 1)]])
+                                   for name, r in ((label, runs), (reference, theirs)))
+            if not np.array_equal(ours_ids, their_ids):  # every run of a label plays its first run's episodes
+                raise ValueError(f"{label} and {reference} played different episodes of {split}")
+            success = [success_by_run(r, runs_of.get(name, 1)) for name, r in ((label, runs), (reference, theirs))]
+            differences[split] = 100 * (success[0] - success[1])  # [R, N]: a one-run side broadcasts
         observed = with_dimension_averages({split: float(d.mean()) for split, d in differences.items()})
         drawn = bootstrap_differences(differences)
         compared[label] = {key: {"difference": float(observed[key]),
@@ -405,7 +445,8 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     """The paper's table: split rows grouped by dimension, one column per checkpoint, and the
     paper's SFT-16k / PPO rates at the right (ManiSkill with OpenVLA-7B: for direction only)."""
     labels = list(summary)
-    spread = len(args.seeds) > 1
+    runs = max(len(rows[next(iter(rows))].get("per_run", [None])) for rows in summary.values())
+    spread = len(args.seeds) > 1 or runs > 1
     width = max(13 if spread else 7, *(len(label) for label in labels))
     name_width = max(16, *(len(s) + 2 for s in splits))
     paper = args.paper_columns
@@ -439,14 +480,18 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
     if paper:
         header += "   | " + "  ".join(f"{x:>7}" for x in ("SFT-16k", "PPO"))
     seeds = f"mean ± std over {len(args.seeds)} seeds" if spread else "1 seed, so no spread is shown"
+    if runs > 1:
+        seeds = (f"mean ± std over training runs (up to {runs} per method; the spread between them), each "
+                 f"on {len(args.seeds)} evaluation seed(s)")
     if intervals:
         seeds = f"CALIBRATION ids, mean [95% Wilson interval] of each split's {len(args.seeds) * args.episodes} episodes"
     lines = [f"success rate (%): {seeds}, {args.episodes} episodes each, temperature {args.temperature}, "
              f"env {args.env}" + ("; right: the paper's OpenVLA-7B on ManiSkill3 (Table 1)" if paper else ""),
              header, "-" * len(header)]
     if versus:
+        over = "training runs, then episodes" if runs > 1 else "episodes"
         lines.insert(1, f"{', '.join(versus)}: paired difference in points over the same episodes, "
-                        "[95% bootstrap interval over episodes]")
+                        f"[95% bootstrap interval over {over}]")
     for dimension, members in grouped_splits(splits).items():
         if members == [dimension]:  # ind is a dimension of one split: no heading
             lines.append(row(dimension, dimension))
@@ -479,24 +524,34 @@ def format_kl_table(summary: dict[str, dict[str, dict]], splits: list[str]) -> s
 # ---------------------------------------------------------------------------- files
 
 
+def paths_of(checkpoints: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """label -> its paths, in the order given (several: training runs of one method)."""
+    paths: dict[str, list[str]] = {}
+    for label, path in checkpoints:
+        paths.setdefault(label, []).append(path)
+    return paths
+
+
 def write_json(path: Path, results: dict[str, dict[str, list[EpisodeOutcomes]]], summary: dict,
                checkpoints: list[tuple[str, str]], splits: list[str], args: Args) -> None:
     """The arguments, the summary, and every episode's id and outcome (for paired tests later)."""
     document = {
         "unit": "percent of episodes with the object on the receptacle at the final step",
         "args": asdict(args),
-        "checkpoints": dict(checkpoints),
+        "checkpoints": {label: paths[0] if len(paths) == 1 else paths
+                        for label, paths in paths_of(checkpoints).items()},
         "splits": {split: dimension_of(split) for split in splits},
         "summary": summary,
         "paper_sft16k_ppo": {k: v for k, v in PAPER_RATES.items() if k in summary[next(iter(summary))]},
         "episodes": {
             label: {
                 split: [
-                    {"seed": seed, "episode_ids": o.episode_ids.tolist(), "success": o.success.tolist(),
+                    {"run": i // len(args.seeds), "seed": args.seeds[i % len(args.seeds)],
+                     "episode_ids": o.episode_ids.tolist(), "success": o.success.tolist(),
                      "success_once": o.success_once.tolist(), "returns": o.returns.tolist(),
                      "seconds": o.seconds,
                      **({} if o.kl_from_base is None else {"kl_from_base": o.kl_from_base.tolist()})}
-                    for seed, o in zip(args.seeds, runs, strict=True)
+                    for i, o in enumerate(runs)
                 ]
                 for split, runs in by_split.items()
             }
@@ -573,6 +628,8 @@ def plot_chart(path: Path, summary: dict[str, dict[str, dict]], splits: list[str
                     weight="bold")
 
     spread = f"mean ± std over {len(args.seeds)} seeds" if len(args.seeds) > 1 else "1 seed"
+    if any("per_run" in next(iter(rows.values())) for rows in summary.values()):
+        spread = f"mean ± std over training runs, {len(args.seeds)} seed(s) each"
     fig.suptitle(f"Success rate per split ({args.env}): {spread} x {args.episodes} episodes, "
                  f"temperature {args.temperature}", fontsize=12)
     handles, names = ax.get_legend_handles_labels()
@@ -621,13 +678,15 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
         for label, path in checkpoints:
             policy = load_policy(path, args, device)
             image_size = args.image_size or policy.image_size
-            results[label] = evaluate_on_splits(policy, label, splits, args,
-                                                image_size, progress, render_device=str(device))
+            played = evaluate_on_splits(policy, label, splits, args, image_size, progress, render_device=str(device))
+            for split, outcomes in played.items():  # a training run of a method seen before joins its runs
+                results.setdefault(label, {}).setdefault(split, []).extend(outcomes)
             del policy  # free its memory before the next one loads
 
-    summary = summarise(results)
+    runs_of = {label: len(paths) for label, paths in paths_of(checkpoints).items()}
+    summary = summarise(results, runs_of)
     if args.reference is not None:
-        for label, rows in paired_differences(results, args.reference).items():
+        for label, rows in paired_differences(results, args.reference, runs_of).items():
             for key, paired in rows.items():
                 summary[label][key]["vs_reference"] = {"reference": args.reference, **paired}
     if rank == 0:

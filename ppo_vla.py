@@ -125,6 +125,8 @@ class Args:
     """episodes per evaluation, on the training split"""
     save_every: int = 10
     """write the checkpoint every K iterations (and at the end)"""
+    keep_checkpoints: bool = False
+    """also keep every checkpoint written, as RUN/snapshots/iteration_N (OOD success along training)"""
 
 
 RECIPES = {
@@ -427,7 +429,7 @@ def main(args: Args) -> dict[str, float]:
         if (iteration + 1) % args.save_every == 0 or last:
             save_run(run_path / "checkpoint", agent, {"iteration": iteration + 1, "optimizer": optimizer.state_dict(),
                      "episode_rng": episode_rng.bit_generator.state, "skipped_policy_steps": skipped,
-                     "algorithm": "ppo"}, vars(args))
+                     "algorithm": "ppo"}, vars(args), snapshot=f"iteration_{iteration + 1}" if args.keep_checkpoints else None)
 
     envs.close()
     close_writer(writer)

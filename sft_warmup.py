@@ -122,6 +122,8 @@ class Args:
     """sampling temperature of that evaluation (paper: 0.6, as for the RL policies; 0 = greedy)"""
     save_every: int = 500
     """write the checkpoint every K steps (and at the end)"""
+    keep_checkpoints: bool = False
+    """also keep every checkpoint written, as RUN/snapshots/step_N (OOD success along training)"""
 
 
 RECIPES = {
@@ -406,7 +408,8 @@ def main(args: Args) -> dict[str, float]:
             save_run(run_path / "checkpoint", agent, {
                 "optimizer": optimizer.state_dict(), "step": done, "algorithm": "sft",
                 "batch_rngs": gather_objects(batch_rng.bit_generator.state),
-                "demo_dir": str(demo_dir), "num_demos": args.num_demos}, vars(args))
+                "demo_dir": str(demo_dir), "num_demos": args.num_demos}, vars(args),
+                snapshot=f"step_{done}" if args.keep_checkpoints else None)
 
     if eval_envs is not None:
         eval_envs.close()

@@ -4,11 +4,15 @@
 #   1. LoRA SFT warm-up on a few `ind` demos, then PPO from it (--epochs 1 --temperature 1.0)
 #   2. the SFT baseline: LoRA SFT on many `ind` demos, from the base (the paper's SFT-16k)
 #   3. GRPO and DPO from the same warm-up
-#   4. every checkpoint on all 16 splits, the same episode ids for each -> table, chart, JSON, CSV
+#   4. every checkpoint on all 16 splits, the same episode ids for each: table with PPO, GRPO, DPO
+#      minus SFT paired over episodes (95% bootstrap intervals), KL from the base, chart, JSON, CSV
+#   5. SFT's and PPO's snapshots along training on all splits: OOD success against `ind` success
+#      (scripts/matched_ind.py), i.e. compared at matched in-distribution success
 # Every stage runs on 2 processes (torchrun, one torch thread each): the two cores of this machine.
 #
 #   DEMO_DIR=/tmp/demo bash scripts/demo.sh   # where everything goes (default: demo/)
-#   STUDY=1 bash scripts/demo.sh              # `make study`: more evaluation seeds and episodes
+#   STUDY=1 bash scripts/demo.sh              # `make study`: 3 training seeds of every stage (each
+#                                             # its own --seed), intervals over seeds, then episodes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,39 +21,62 @@ TORCHRUN="$(dirname "$PY")/torchrun --standalone --nproc_per_node 2"
 OUT=${DEMO_DIR:-demo}
 RUNS=$OUT/runs
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-if [[ "${STUDY:-0}" == 1 ]]; then SEEDS="0 1 2 3 4"; EPISODES=64; else SEEDS="0 1 2"; EPISODES=32; fi
+BASE=assets/tiny-openvla-twin
+if [[ "${STUDY:-0}" == 1 ]]; then
+  TRAIN_SEEDS="0 1 2"; EVAL_SEEDS="0 1"; EPISODES=64; MATCHED_EPISODES=32
+else
+  TRAIN_SEEDS="0"; EVAL_SEEDS="0 1 2"; EPISODES=32; MATCHED_EPISODES=16
+fi
 
 stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 start=$SECONDS
 # The CPU's two cores, also on a GPU host (the tiny model gains nothing there, and 2 ranks on one
 # GPU would be refused by NCCL).
 common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
+checkpoints=(--checkpoint base --model-path "$BASE")
 
-stage "1/5 SFT warm-up: LoRA, 200 steps on 64 ind demos, from the pretrained tiny VLA (python sft_warmup.py twin-warmup)"
-$TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --exp-name warmup
+for seed in $TRAIN_SEEDS; do
+  stage "training seed $seed: 1/4 SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
+  $TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --seed "$seed" --exp-name "warmup-$seed"
 
-stage "2/5 PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
-$TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name ppo --epochs 1 --temperature 1.0 \
-  --init-checkpoint "$RUNS/warmup/checkpoint"
+  stage "training seed $seed: 2/4 PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
+  $TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "ppo-$seed" \
+    --epochs 1 --temperature 1.0 --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints
 
-stage "3/5 SFT baseline: LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
-$TORCHRUN sft_warmup.py twin-sft "${common[@]}" --exp-name sft
+  stage "training seed $seed: 3/4 SFT baseline, LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
+  $TORCHRUN sft_warmup.py twin-sft "${common[@]}" --seed "$seed" --exp-name "sft-$seed" --keep-checkpoints
 
-stage "4/5 GRPO and DPO from the warm-up (python grpo_vla.py twin, python dpo_vla.py twin)"
-$TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name grpo --init-checkpoint "$RUNS/warmup/checkpoint"
-$TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --device cpu --exp-name dpo --init-checkpoint "$RUNS/warmup/checkpoint"
+  stage "training seed $seed: 4/4 GRPO and DPO from the warm-up (python grpo_vla.py twin, python dpo_vla.py twin)"
+  $TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "grpo-$seed" \
+    --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
+  $TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "dpo-$seed" \
+    --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
+done
+for name in warm-up:warmup SFT:sft PPO:ppo GRPO:grpo DPO:dpo; do  # a label repeated = its training runs
+  for seed in $TRAIN_SEEDS; do checkpoints+=(--checkpoint "${name%%:*}=$RUNS/${name#*:}-$seed"); done
+done
 
-stage "5/5 every checkpoint on all 16 splits (ind + 15 OOD): seeds $SEEDS x $EPISODES episodes, same ids for each"
+stage "every checkpoint on all 16 splits (ind + 15 OOD): eval seeds $EVAL_SEEDS x $EPISODES episodes, same ids for each"
 # shellcheck disable=SC2086
-$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $SEEDS --episodes "$EPISODES" --num-envs 32 \
-  --checkpoint base --model-path assets/tiny-openvla-twin --checkpoint warm-up="$RUNS/warmup" --checkpoint SFT="$RUNS/sft" --checkpoint PPO="$RUNS/ppo" \
-  --checkpoint GRPO="$RUNS/grpo" --checkpoint DPO="$RUNS/dpo" --output-dir "$OUT/results"
+$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEEDS --episodes "$EPISODES" \
+  --num-envs 32 "${checkpoints[@]}" --reference SFT --kl --output-dir "$OUT/results"
+
+stage "SFT and PPO along training (seed 0's snapshots) on all 16 splits: $MATCHED_EPISODES episodes each"
+snapshots=(--checkpoint SFT@0=base --checkpoint "PPO@0=$RUNS/warmup-0")
+for path in "$RUNS"/sft-0/snapshots/step_* "$RUNS"/ppo-0/snapshots/iteration_*; do
+  method=$([[ $path == */sft-0/* ]] && echo SFT || echo PPO)
+  snapshots+=(--checkpoint "$method@${path##*_}=$path")
+done
+$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds 0 --episodes "$MATCHED_EPISODES" \
+  --num-envs 32 --model-path "$BASE" "${snapshots[@]}" --no-paper-columns --output-dir "$OUT/matched" > /dev/null
+$PY scripts/matched_ind.py "$OUT/matched/results.json" --out "$OUT/matched/matched_ind.png"
 
 stage "done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 cat <<EOF
   demonstrations      $OUT/demos/  (HDF5 + JSON, ManiSkill's trajectory layout)
-  checkpoints         $RUNS/{warmup,ppo,sft,grpo,dpo}/checkpoint/
+  checkpoints         $RUNS/{warmup,ppo,sft,grpo,dpo}-SEED/checkpoint/  (snapshots/: SFT's and PPO's along training)
   TensorBoard         $PY -m tensorboard.main --logdir $RUNS
   results table       $OUT/results/results.csv  (and results.json, every episode)
   chart               $OUT/results/success.png
+  matched ind         $OUT/matched/matched_ind.png  (OOD against ind success along training)
 EOF

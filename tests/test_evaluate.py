@@ -227,6 +227,49 @@ def test_paired_differences_and_their_bootstrap_intervals_on_known_answers(tmp_p
         evaluate_ood.check_args(Args(checkpoint=["SFT=a", "PPO=b"], reference="RL", output_dir=str(tmp_path / "o")))
 
 
+def test_training_runs_of_a_method_pool_their_rates_and_pair_run_by_run(tmp_path: Path) -> None:
+    # NAME repeated: 3 training runs of PPO and of SFT, one evaluation seed of 10 episodes each.
+    # PPO's runs succeed on 6 / 8 / 10 episodes, SFT's on 5 / 5 / 5: PPO 80 +- 20 (sample std over
+    # runs), and PPO - SFT = +10 / +30 / +50 run by run, +30 on average; drawn run first, the 95%
+    # interval spans the runs' differences, far wider than pooling the 30 episodes would give.
+    ppo = [outcomes([True] * k + [False] * (10 - k)) for k in (6, 8, 10)]
+    sft = [outcomes([True] * 5 + [False] * 5)] * 3
+    results = {"SFT": {"ind": sft}, "PPO": {"ind": ppo}, "base": {"ind": [outcomes([False] * 10)]}}
+    runs_of = {"SFT": 3, "PPO": 3, "base": 1}
+    summary = evaluate_ood.summarise(results, runs_of)
+    assert summary["PPO"]["ind"]["mean"] == pytest.approx(80.0) and summary["PPO"]["ind"]["std"] == pytest.approx(20.0)
+    assert summary["PPO"]["ind"]["per_run"] == pytest.approx([60.0, 80.0, 100.0])
+    assert summary["PPO"]["avg:ind"]["std"] == pytest.approx(20.0)
+    assert "per_run" not in summary["base"]["ind"]
+    compared = evaluate_ood.paired_differences(results, "SFT", runs_of)
+    assert compared["PPO"]["ind"]["difference"] == pytest.approx(30.0)
+    low, high = compared["PPO"]["ind"]["ci95"]
+    assert low < 12 and high > 48, (low, high)
+    pooled = 100 * (evaluate_ood.success_by_run(ppo, 3) - evaluate_ood.success_by_run(sft, 3)).reshape(1, -1)
+    pooled_low, pooled_high = np.percentile(evaluate_ood.bootstrap_differences({"ind": pooled})["ind"], [2.5, 97.5])
+    assert low < pooled_low and pooled_high < high
+    assert compared["base"]["ind"]["difference"] == pytest.approx(-50.0)  # one run, paired with each of SFT's
+    args = Args(checkpoint=["SFT=a", "SFT=b", "SFT=c", "PPO=d", "PPO=e", "PPO=f"], seeds=(0,), episodes=10,
+                reference="SFT", paper_columns=False)
+    table = evaluate_ood.format_table(summary, ["ind"], args)
+    assert "over training runs" in table and "interval over training runs, then episodes" not in table
+    for label, rows in compared.items():
+        for key, paired in rows.items():
+            summary[label][key]["vs_reference"] = {"reference": "SFT", **paired}
+    table = evaluate_ood.format_table(summary, ["ind"], args)
+    assert "interval over training runs, then episodes" in table
+    assert next(line for line in table.splitlines() if line.startswith("ind")).split()[4:7] == ["80.0", "±", "20.0"]
+    # Pairing needs the same number of runs (or one); a label repeated by accident is refused.
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match="pairing needs the same number"):
+        evaluate_ood.check_args(Args(checkpoint=["SFT=a", "SFT=b", "PPO=c", "PPO=d", "PPO=e"], reference="SFT",
+                                     output_dir=out))
+    evaluate_ood.check_args(Args(checkpoint=["SFT=a", "SFT=b", "PPO=c", "PPO=d", "base"], reference="SFT",
+                                 output_dir=out))
+    with pytest.raises(ValueError, match="is given twice"):
+        evaluate_ood.check_args(Args(checkpoint=["SFT=a", "SFT=a"], output_dir=out))
+
+
 def test_one_seed_shows_no_spread_and_several_do() -> None:
     one = {"ppo": {"ind": [outcomes([True, False])], "noise_weak": [outcomes([True, True])]}}
     splits = ["ind", "noise_weak"]
@@ -342,6 +385,16 @@ def test_two_checkpoints_on_two_splits(checkpoints, tmp_path, monkeypatch, capsy
     assert len(videos) == 2 * 2  # checkpoints x splits, 1 episode each, first seed only
     frames = imageio.mimread(videos[0])
     assert len(frames) == 3 and frames[0].shape == (SIZE, SIZE, 3)  # reset + 2 steps
+
+    # The two checkpoints as two training runs of one method: their episodes, run after run, and
+    # rates pooled with the spread between the runs.
+    pooled = evaluate_ood.main(Args(checkpoint=[f"P={checkpoints[0].parent}", f"P={checkpoints[1]}"], env="twin",
+                                    splits=("ind",), episodes=2, seeds=(0, 1), num_envs=2, max_episode_steps=2,
+                                    output_dir=str(tmp_path / "runs"), device="cpu"))
+    assert pooled["P"]["ind"]["per_run"] == pytest.approx([summary[label]["ind"]["mean"] for label in ("run_0", "perturbed")])
+    document = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert document["checkpoints"] == {"P": [str(checkpoints[0].parent), str(checkpoints[1])]}
+    assert [(e["run"], e["seed"]) for e in document["episodes"]["P"]["ind"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_the_base_model_is_evaluated_without_an_adapter(tmp_path: Path) -> None:

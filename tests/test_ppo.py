@@ -288,7 +288,7 @@ def test_a_resumed_run_logs_one_point_per_iteration(tmp_path: Path, monkeypatch)
                 raise KeyboardInterrupt
             return super().run(*a, **kw)
 
-    args = twin_args(tmp_path, total_iterations=4, save_every=2)
+    args = twin_args(tmp_path, total_iterations=4, save_every=2, keep_checkpoints=True)
     with monkeypatch.context() as patch:
         patch.setattr(ppo_vla, "make_writer", flushing_writer)
         patch.setattr(ppo_vla, "EpisodeLoop", KilledInIteration4)
@@ -302,7 +302,10 @@ def test_a_resumed_run_logs_one_point_per_iteration(tmp_path: Path, monkeypatch)
     batch = args.num_envs * args.num_steps
     assert [e.step for e in orphaned.Scalars("losses/value_loss")] == [batch, 2 * batch, 3 * batch]
 
-    ppo_vla.main(twin_args(tmp_path, total_iterations=4, save_every=2, resume=True))
+    ppo_vla.main(twin_args(tmp_path, total_iterations=4, save_every=2, resume=True, keep_checkpoints=True))
+    # --keep-checkpoints: every checkpoint written is kept, the killed run's too
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["iteration_2", "iteration_4"]
+    assert load_checkpoint(run / "snapshots" / "iteration_2")[1]["iteration"] == 2
     tags = EventAccumulator(str(run))
     tags.Reload()
     assert "losses/value_loss" in tags.Tags()["scalars"]

@@ -81,9 +81,16 @@ def test_token_loss_targets_the_expert_actions_under_the_agents_statistics() -> 
 
 
 def test_a_run_on_the_twin_validates_evaluates_and_saves(tmp_path: Path) -> None:
-    args = twin_args(tmp_path, eval_every=4)
+    args = twin_args(tmp_path, eval_every=4, keep_checkpoints=True)
     metrics = sft_warmup.main(args)
     run = tmp_path / "runs" / "twin"
+    # --keep-checkpoints: the checkpoint of step 2 is kept beside the last one, which it is not
+    snapshots = {p.name: load_checkpoint(p)[0] for p in (run / "snapshots").iterdir()}
+    assert sorted(snapshots) == ["step_2", "step_4"]
+    lora = {name: dict((n, v) for n, v in a.named_parameters() if "lora_B" in n) for name, a in snapshots.items()}
+    assert all(torch.equal(lora["step_4"][n], v) for n, v in load_checkpoint(run / "checkpoint")[0].named_parameters()
+               if "lora_B" in n)
+    assert not all(torch.equal(lora["step_2"][n], v) for n, v in lora["step_4"].items())
     assert len(scalars(run, "train/loss")) == 4 and len(scalars(run, "val/token_accuracy")) == 2  # steps 2, 4
     assert scalars(run, "eval/success") == [metrics["eval/success"]] and 0 <= metrics["eval/success"] <= 1
     agent, state = load_checkpoint(run / "checkpoint")
