@@ -11,7 +11,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo demo-maniskill study pretrain splits bench clean
+.PHONY: ablations setup test lint demo demo-maniskill study pretrain splits bench clean
 
 setup: .venv/.installed
 	@bash scripts/setup_vulkan.sh
@@ -39,6 +39,11 @@ demo: setup
 # The same study with 3 training seeds of every stage and more evaluation episodes (hours).
 study: setup
 	PY=$(PY) STUDY=1 bash scripts/demo.sh
+
+# The paper's ablations (critic input, PPO epochs, warm-up, temperature, PPO vs GRPO vs DPO) on the
+# twin, 3 training seeds each, one figure per ablation in docs/ablations (scripts/ablations.py; hours).
+ablations: setup
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/ablations.py --output-dir ablations --figures-dir docs/ablations
 
 # The pipeline on the real ManiSkill3 task (a random tiny model: it checks the plumbing only).
 demo-maniskill: setup

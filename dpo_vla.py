@@ -247,7 +247,8 @@ def collect_preferences(agent, envs, args: Args, state_ids: np.ndarray, seed: in
     # Teacher-forced, as the policy in training (not the rollout's log-probs): the loss starts at log 2.
     data["ref_logprobs"] = trajectory_logprobs(agent, data, torch.arange(len(kept)), args.chunk_size)
     with_pairs = len(torch.unique(episode_ids[kept[pairs[:, 0]]])) if len(pairs) else 0
-    data["stats"] = {"success_rate": success.float().mean().item(), "states_with_pairs": with_pairs}
+    data["stats"] = {"success_rate": success.float().mean().item(), "states_with_pairs": with_pairs,
+                     "env_steps": int(ids.size * envs.max_episode_steps)}  # every env steps the whole horizon
     return data
 
 
@@ -390,6 +391,7 @@ def main(args: Args) -> dict[str, float]:
                    "data/pairs": global_mean([num_pairs]) * world,
                    "data/states_with_pairs": global_mean([data["stats"]["states_with_pairs"]]) * world,
                    "rollout/success": global_mean([data["stats"]["success_rate"]]),  # the collecting policy
+                   "data/env_steps": global_mean([data["stats"].get("env_steps", 0)]) * world,  # this round's
                    **{k: global_mean(v) for k, v in stats.items()},
                    "time/collect_s": collect_time, "time/update_s": update_time,
                    "memory/peak_gb": peak_memory_gb(device)}
