@@ -22,7 +22,6 @@ re-run after an interruption:
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -118,7 +117,7 @@ def run(script: str, flags: list[str], path: Path, nproc: int) -> None:
     if nproc > 1:
         torchrun = Path(sys.executable).with_name("torchrun")
         subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(nproc), script, *flags], cwd=ROOT,
-                       check=True, env=None)
+                       check=True)
     else:  # in this process: the script's own CLI parsing and main()
         module = __import__(script.removesuffix(".py"))
         module.main(parse_cli(module.Args, module.check_args, getattr(module, "RECIPES", None), argv=flags))
@@ -277,6 +276,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    if shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists():
-        print("note: no torchrun beside this Python; use --nproc 1", file=sys.stderr)
     main(parse_cli(Args))
