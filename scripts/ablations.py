@@ -116,8 +116,9 @@ def run(script: str, flags: list[str], path: Path, nproc: int) -> None:
     start = time.perf_counter()
     if nproc > 1:
         torchrun = Path(sys.executable).with_name("torchrun")
-        subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(nproc), script, *flags], cwd=ROOT,
-                       check=True)
+        done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(nproc), script, *flags], cwd=ROOT)
+        if done.returncode != 0:  # the script said why on stderr; the finished runs are kept
+            sys.exit(f"error: {script} for {path.name} failed (exit {done.returncode}); re-run to resume")
     else:  # in this process: the script's own CLI parsing and main()
         module = __import__(script.removesuffix(".py"))
         module.main(parse_cli(module.Args, module.check_args, getattr(module, "RECIPES", None), argv=flags))
