@@ -49,14 +49,10 @@ ablations: setup
 demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
-# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin) as it was made, on 2 cores:
-# the first cycle (~60-70 min), then the second from its model (~30 min). `pretrain_tiny.py` alone
-# runs both cycles in one process (the same recipe, no intermediate model).
+# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin) as it was made, on 2 cores
+# (~1.5 h; pretrain_tiny.py's defaults are the recipe; add --resume to continue an interrupted run).
 pretrain: setup
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py \
-	  --receptacle-steps 0 --receptacle-mix-steps 0 --output runs/tiny-openvla-twin-first-cycle --run-dir runs/pretrain_first_cycle
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py \
-	  --first-cycle-model runs/tiny-openvla-twin-first-cycle
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 
 # Every benchmark, one after the other (each prints RESULT lines with ratios measured in one run).
 bench: setup

@@ -76,6 +76,9 @@ class Args:
     """label of the checkpoint the others are compared with: per split and dimension, the paired
     difference in points over the same episodes, with a 95% bootstrap interval (over training runs,
     then episodes: run k of a method is paired with run k of the reference, or with its one run)"""
+    exclude_from_averages: tuple[str, ...] = ()
+    """OOD splits still evaluated and shown (marked *) but left out of their dimension's average and
+    its paired difference (docs/STUDY_PROTOCOL.md, section 5: splits out of calibration range)"""
     paper_columns: bool = True
     """print the paper's SFT-16k and PPO rates beside ours (ManiSkill numbers: direction only)"""
     output_dir: str = "results/eval_ood"
@@ -95,7 +98,11 @@ def check_args(args: Args) -> None:
         raise ValueError("--seeds needs at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds has repeats: {args.seeds}")
-    resolve_splits(args.splits, args.env)
+    chosen = resolve_splits(args.splits, args.env)
+    for split in args.exclude_from_averages:
+        if split not in chosen or dimension_of(split) in ("ind", split):
+            raise ValueError(f"--exclude-from-averages {split!r} is not an OOD split of this evaluation "
+                             f"({', '.join(s for s in chosen if dimension_of(s) not in ('ind', s))})")
     labels = [parse_checkpoint(spec)[0] for spec in args.checkpoint]
     # 'base' takes --model-path's statistics; a checkpoint keeps those it was trained with.
     check_unnorm_key(args.model_path, args.unnorm_key,
@@ -344,7 +351,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]],
-              runs_of: dict[str, int] | None = None) -> dict[str, dict[str, dict]]:
+              runs_of: dict[str, int] | None = None, excluded: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
     """label -> {split, or 'avg:DIMENSION' -> success rate in %: mean, std, per_seed (and per_run);
     a split also 'wilson95', the 95% interval of its rate over all its episodes}. A label's list
     holds its training runs' evaluation seeds, run after run (runs_of[label] runs; default 1).
@@ -364,7 +371,7 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]],
             rows[split]["wilson95"] = wilson_interval(successes, sum(len(o.success) for o in runs))
             if runs[0].kl_from_base is not None:  # nats per state, over every episode of every seed
                 rows[split]["kl_from_base"] = float(np.mean(np.concatenate([o.kl_from_base for o in runs])))
-        for dimension, members in grouped_splits(list(by_split)).items():
+        for dimension, members in grouped_splits(list(by_split), excluded).items():
             rows[f"avg:{dimension}"] = rates_summary(np.mean([rates[s] for s in members], axis=0))
             if all("kl_from_base" in rows[s] for s in members):
                 rows[f"avg:{dimension}"]["kl_from_base"] = float(np.mean([rows[s]["kl_from_base"] for s in members]))
@@ -372,15 +379,16 @@ def summarise(results: dict[str, dict[str, list[EpisodeOutcomes]]],
     return summary
 
 
-def with_dimension_averages(per_split: dict[str, Any]) -> dict[str, Any]:
-    """per_split plus 'avg:DIMENSION' -> the mean of its splits' values (floats or arrays alike)."""
+def with_dimension_averages(per_split: dict[str, Any], excluded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """per_split plus 'avg:DIMENSION' -> the mean of its splits' values but the excluded ones (floats
+    or arrays alike)."""
     averages = {f"avg:{dimension}": np.mean([per_split[s] for s in members], axis=0)
-                for dimension, members in grouped_splits(list(per_split)).items()}
+                for dimension, members in grouped_splits(list(per_split), excluded).items()}
     return {**per_split, **averages}
 
 
-def bootstrap_differences(differences: dict[str, np.ndarray], samples: int = 2000,
-                          seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_differences(differences: dict[str, np.ndarray], samples: int = 2000, seed: int = 0,
+                          excluded: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Bootstrap distribution [SAMPLES] of the mean paired difference, per split and 'avg:DIMENSION'.
 
     differences[split]: [R, N] the per-episode differences (checkpoint minus reference, in points)
@@ -394,7 +402,7 @@ def bootstrap_differences(differences: dict[str, np.ndarray], samples: int = 200
         run = rng.integers(0, runs, size=(samples, runs))  # [S, R]
         episode = rng.integers(0, episodes, size=(samples, runs, episodes))  # [S, R, N]
         drawn[split] = diff[run[:, :, None], episode].mean(axis=(1, 2))
-    return with_dimension_averages(drawn)
+    return with_dimension_averages(drawn, excluded)
 
 
 def success_by_run(outcomes: list[EpisodeOutcomes], runs: int) -> np.ndarray:
@@ -405,7 +413,8 @@ def success_by_run(outcomes: list[EpisodeOutcomes], runs: int) -> np.ndarray:
 
 
 def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], reference: str,
-                       runs_of: dict[str, int] | None = None) -> dict[str, dict[str, dict]]:
+                       runs_of: dict[str, int] | None = None,
+                       excluded: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
     """label -> {split or 'avg:DIMENSION' -> {'difference': the mean paired difference in points
     (label minus reference, over the same episodes), 'ci95': its 95% bootstrap interval}} for every
     checkpoint but the reference. With several training runs (runs_of, as in summarise) run k is
@@ -425,19 +434,20 @@ def paired_differences(results: dict[str, dict[str, list[EpisodeOutcomes]]], ref
                 raise ValueError(f"{label} and {reference} played different episodes of {split}")
             success = [success_by_run(r, runs_of.get(name, 1)) for name, r in ((label, runs), (reference, theirs))]
             differences[split] = 100 * (success[0] - success[1])  # [R, N]: a one-run side broadcasts
-        observed = with_dimension_averages({split: float(d.mean()) for split, d in differences.items()})
-        drawn = bootstrap_differences(differences)
+        observed = with_dimension_averages({split: float(d.mean()) for split, d in differences.items()}, excluded)
+        drawn = bootstrap_differences(differences, excluded=excluded)
         compared[label] = {key: {"difference": float(observed[key]),
                                  "ci95": [float(x) for x in np.percentile(drawn[key], [2.5, 97.5])]}
                            for key in observed}
     return compared
 
 
-def grouped_splits(splits: list[str]) -> dict[str, list[str]]:
-    """dimension -> its splits, in the order given."""
+def grouped_splits(splits: list[str], excluded: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """dimension -> its splits but the excluded ones, in the order given."""
     groups: dict[str, list[str]] = {}
     for split in splits:
-        groups.setdefault(dimension_of(split), []).append(split)
+        if split not in excluded:
+            groups.setdefault(dimension_of(split), []).append(split)
     return groups
 
 
@@ -497,9 +507,11 @@ def format_table(summary: dict[str, dict[str, dict]], splits: list[str], args: A
             lines.append(row(dimension, dimension))
             continue
         lines.append(dimension)
-        lines += [row(f"  {split}", split) for split in members]
+        lines += [row(f"  {split}" + (" *" if split in args.exclude_from_averages else ""), split) for split in members]
         if len(members) > 1:
             lines.append(row("  average", f"avg:{dimension}"))
+    if args.exclude_from_averages:
+        lines.append("* left out of its dimension's average (--exclude-from-averages; docs/STUDY_PROTOCOL.md)")
     return "\n".join(lines)
 
 
@@ -684,9 +696,9 @@ def main(args: Args) -> dict[str, dict[str, dict]]:
             del policy  # free its memory before the next one loads
 
     runs_of = {label: len(paths) for label, paths in paths_of(checkpoints).items()}
-    summary = summarise(results, runs_of)
+    summary = summarise(results, runs_of, args.exclude_from_averages)
     if args.reference is not None:
-        for label, rows in paired_differences(results, args.reference, runs_of).items():
+        for label, rows in paired_differences(results, args.reference, runs_of, args.exclude_from_averages).items():
             for key, paired in rows.items():
                 summary[label][key]["vs_reference"] = {"reference": args.reference, **paired}
     if rank == 0:

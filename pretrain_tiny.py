@@ -1,19 +1,18 @@
 """Pretrain the tiny OpenVLA on the 2D twin's `pretrain` split and write it in the official
 OpenVLA layout: the laptop-sized stand-in for the pretrained OpenVLA-7B that the study starts from.
 
-OpenVLA was pretrained on ~1M robot episodes before arXiv 2505.19789 fine-tuned it; the twin's
-`pretrain` split plays that part: many objects, its own receptacles, tables and instruction
-templates, one- and two-object scenes, and none of the assets of an OOD split (twin_env.py).
-Every weight is trained (a random base learns far too slowly through LoRA), with OpenVLA's
-loss: cross-entropy on the 7 action tokens, in two cycles of two phases each. First cycle: only
-the frames where the instruction's names alone decide the move (so the model learns to read
-them), then all frames with those kept in every batch; it reads the objects' names but not the
-receptacles'. Second cycle: the receptacle pairs (a carrying frame and its twin with the other
-receptacle named) beside the object frames, then all frames with those kept in every batch
-(docs/PRETRAINING.md). The result loads like the 7B checkpoint:
+OpenVLA was pretrained on web data and ~1M robot episodes before arXiv 2505.19789 fine-tuned it;
+the twin's `pretrain` split plays that part: broad, every factor the OOD splits vary and none of
+their exact combinations (docs/STUDY_PROTOCOL.md, twin_env.py). Every weight is trained (a random
+base learns far too slowly through LoRA), with OpenVLA's loss: cross-entropy on the 7 action
+tokens, by behaviour cloning of an expert whose moves get DART noise, on demonstrations streamed
+fresh into each rank's memory (a fixed set is overfitted). Two cycles of two phases each: first,
+only the frames where the instruction's names alone decide the move (so the model learns to read
+them), then all frames with those kept in every batch; second, the receptacle pairs (a carrying
+frame and its twin with the other receptacle named) beside the object frames, then all frames
+with those kept in every batch (docs/PRETRAINING.md). The result loads like the 7B checkpoint:
 
-    python pretrain_tiny.py  # both cycles in one run (writes assets/tiny-openvla-twin/)
-    make pretrain            # the same in two runs, as the shipped model was made (Makefile)
+    make pretrain   # = torchrun --standalone --nproc_per_node 2 pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
 
 The directory holds config.json (with the norm_stats of the pretraining actions under
@@ -38,28 +37,21 @@ class Args:
     """where the resumable training state and TensorBoard logs go"""
     resume: bool = False
     """continue an interrupted pretraining from RUN_DIR/state.pt"""
-    split: str = "pretrain"
-    """the twin's pretraining split: `pretrain` (the shipped model's) or `pretrain_broad` (every
-    OOD factor, none of the exact OOD combinations: docs/STUDY_PROTOCOL.md)"""
-    first_cycle_model: str | None = None
-    """skip the first cycle: start the second from this model directory, written by a run of the
-    first cycle alone (--receptacle-steps 0 --receptacle-mix-steps 0) on the same demonstrations"""
     seed: int = 0
     """seed of the weights' training order (the random init itself is fixed, see model.py)"""
     image_size: int = 64
     """image size of the model and the renderer"""
-    num_demos: int = 12000
-    """expert demonstrations of the pretrain split to train on (6000 were starting to be memorised);
-    with --fresh-demos, the demonstrations each rank holds at a time"""
-    fresh_demos: int = 0
+    num_demos: int = 6000
+    """expert demonstrations each rank holds at a time (with --fresh-demos 0: one fixed set on disk)"""
+    fresh_demos: int = 400
     """stream: every --fresh-every steps each rank collects this many new demonstrations in memory and
-    drops its oldest as many (0: one fixed set on disk, shared by the ranks). A broad split overfits
+    drops its oldest as many (0: one fixed set on disk, shared by the ranks). The broad split overfits
     a fixed set of 16,000 (validation loss flat from step 12,000: docs/PRETRAINING.md)"""
     fresh_every: int = 250
     """optimizer steps between two fresh batches of demonstrations (with --fresh-demos)"""
     heldout_demos: int = 64
     """held-out demonstrations for the validation loss"""
-    action_noise: float = 0.0
+    action_noise: float = 0.2
     """std of the noise the expert's executed moves get on 30% of the steps (DART,
     demos.collect_expert_demos); 0.3 cost the SFT baseline 15 points on `ind` (docs/HISTORY.md)"""
     keep_success_steps: bool = True
@@ -67,9 +59,8 @@ class Args:
     the first shipped model dropped them and then re-grasped placed objects"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    base_steps: int = 16000
-    """optimizer steps of the first cycle, the grounding phase and the mix (20,000 reached 77.3%,
-    no better than 16,000's 76.6%: docs/PRETRAINING.md)"""
+    base_steps: int = 20000
+    """optimizer steps of the first cycle, the grounding phase and the mix (docs/PRETRAINING.md)"""
     batch_size: int = 64
     """frames per step"""
     learning_rate: float = 1e-3
@@ -94,12 +85,12 @@ class Args:
     """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
     carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
     cycle's pairs do, docs/PRETRAINING.md)"""
-    receptacle_steps: int = 2000
+    receptacle_steps: int = 1000
     """second cycle (a fresh AdamW): steps on the receptacle pairs (every carrying frame of a
     two-receptacle scene and its twin: the same image, the other receptacle named, the expert's
     move to it) and the two-object grounding frames only; 0 and 0 mix steps: no second cycle
     (the first cycle alone reached 76.6% held out, this recipe 80.5%: docs/PRETRAINING.md)"""
-    receptacle_mix_steps: int = 4000
+    receptacle_mix_steps: int = 3000
     """then steps with --grounding-share of every batch from those, the rest from all frames
     (without them the model forgets the rest of the task)"""
     receptacle_learning_rate: float = 5e-4
@@ -117,32 +108,13 @@ def check_args(args: Args) -> None:
     if args.fresh_demos and args.num_demos % args.fresh_demos:
         raise ValueError(f"--num-demos ({args.num_demos}) must be a multiple of --fresh-demos "
                          f"({args.fresh_demos}): a rank holds whole batches of demonstrations")
-    if args.fresh_demos and args.first_cycle_model is not None:
-        raise ValueError("--first-cycle-model takes the fixed demonstrations it was trained on: "
-                         "drop --fresh-demos, or run both cycles in one run")
     for name in ("grounding_steps", "receptacle_steps", "receptacle_mix_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.split not in ("pretrain", "pretrain_broad"):
-        raise ValueError(f"--split must be pretrain or pretrain_broad, got {args.split!r}")
     if not 0.0 <= args.grounding_share < 1.0:
         raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
         raise ValueError(f"--resume: no {args.run_dir}/state.pt to continue from (run without --resume)")
-    if args.first_cycle_model is not None:
-        if args.resume:
-            raise ValueError("--first-cycle-model starts a new run: drop it to --resume the run it started")
-        if args.receptacle_steps + args.receptacle_mix_steps == 0:
-            raise ValueError("--first-cycle-model skips the first cycle: there must be a second "
-                             "(--receptacle-steps or --receptacle-mix-steps > 0)")
-        config = os.path.join(args.first_cycle_model, "config.json")
-        if not os.path.isfile(config):
-            raise ValueError(f"--first-cycle-model: no {config} (an OpenVLA-layout model directory)")
-        with open(config) as f:  # before torch is imported: json only
-            size = json.load(f).get("image_sizes", [None])[0]
-        if size != args.image_size:
-            raise ValueError(f"--first-cycle-model {args.first_cycle_model} takes {size} px images, "
-                             f"not --image-size {args.image_size}")
     if args.image_size % TINY_PATCH_SIZE:
         raise ValueError(f"--image-size must be a multiple of {TINY_PATCH_SIZE} (the tiny model's patch), "
                          f"got {args.image_size}")
@@ -180,7 +152,6 @@ from model import (
     NormStats,
     action_token_loss,
     build_tiny_vla,
-    load_openvla_dir,
     prepare_inputs,
     save_openvla_dir,
     weights_fingerprint,
@@ -224,7 +195,7 @@ def fresh_demonstrations(envs, number: int, rank: int, args: Args) -> list[Demon
     demos = [d for d in demos if d.succeeded]
     return [Demonstrations(d.images[:-1], d.actions.astype(np.float32), [d.instruction] * len(d.actions),
                            [{"episode_seed": d.episode_id, "actions": d.actions,
-                             "episode": decode_episode(args.split, d.episode_id)}]) for d in demos]
+                             "episode": decode_episode("pretrain", d.episode_id)}]) for d in demos]
 
 
 def pool_of(held: list[list[Demonstrations]]) -> Demonstrations:
@@ -251,7 +222,7 @@ def learning_rate_at(step: int, args: Args) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def grounding_frames(records: list[dict], window: int, carry_window: int, split: str = "pretrain") -> np.ndarray:
+def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.ndarray:
     """Indices of the frames where only the instruction's names tell the expert's move: the first
     WINDOW steps of a two-object scene (towards the named one, before its grasp, the first close:
     action[6] < 0) and the first CARRY_WINDOW steps that carry it closed in a two-receptacle scene.
@@ -262,7 +233,7 @@ def grounding_frames(records: list[dict], window: int, carry_window: int, split:
     when the other frames join (docs/PRETRAINING.md)."""
     chosen, start = [], 0
     for record in records:
-        episode = record.get("episode") or decode_episode(split, record["episode_seed"])  # ~1 ms to decode
+        episode = record.get("episode") or decode_episode("pretrain", record["episode_seed"])  # ~1 ms to decode
         closed = record["actions"][:, 6] < 0
         grasp = int(np.argmax(closed)) if closed.any() else len(closed)
         steps = np.arange(len(closed))
@@ -273,8 +244,7 @@ def grounding_frames(records: list[dict], window: int, carry_window: int, split:
     return np.concatenate(chosen)
 
 
-def receptacle_pairs(episode_ids: np.ndarray, image_size: int,
-                     split: str = "pretrain") -> tuple[np.ndarray, list[str], np.ndarray]:
+def receptacle_pairs(episode_ids: np.ndarray, image_size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
     """The expert replayed from these episodes' initial states: every frame that carries the
     target closed in a two-receptacle scene, twice: as demonstrated, and as its twin, the same
     image with the other receptacle named and the expert's move towards that one.
@@ -283,10 +253,10 @@ def receptacle_pairs(episode_ids: np.ndarray, image_size: int,
     On the demonstrated carrying frames a carry that ignores the name is already right in 79% of
     those where the name decides (the first cycle's model, measured), and the model never learns
     to read it; among the pairs any such guess is right half the time (docs/PRETRAINING.md)."""
-    ids = np.array([i for i in episode_ids if len(decode_episode(split, int(i)).receptacles) > 1])
+    ids = np.array([i for i in episode_ids if len(decode_episode("pretrain", int(i)).receptacles) > 1])
     images, instructions, actions = [], [], []
     for start in range(0, len(ids), 64):
-        envs = make_vec_env(split, len(ids[start:start + 64]), image_size, env="twin")
+        envs = make_vec_env("pretrain", len(ids[start:start + 64]), image_size, env="twin")
         obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
         for _ in range(envs.max_episode_steps):
             expert, target_xy = envs.expert_action(), envs.receptacle_xy
@@ -323,7 +293,7 @@ def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, flo
     the instruction decides which of two objects to move: chance is at most 50%)."""
     agent = ActorCritic(vla, tokenizer, stats, model_path=None, base_fingerprint="", critic=None)
     rates = {}
-    for split in (args.split, "multi_object_seen"):
+    for split in ("pretrain", "multi_object_seen"):
         envs = make_vec_env(split, 64, args.image_size, seed=1, env="twin")
         ids = calibration_episode_ids(split, args.eval_episodes)  # a study split's evaluation ids stay unseen
         rates[split] = evaluate_policy(agent.as_policy(0.6), envs, ids).success_rate
@@ -344,14 +314,14 @@ def main(args: Args) -> dict[str, float]:
     wanted = {"train": 0 if args.fresh_demos else args.num_demos, "heldout": args.heldout_demos}
     settings = dict(num_envs=64, action_noise=args.action_noise, keep_success_steps=args.keep_success_steps)
     if rank == 0:  # rank 0 collects, the others read what it wrote
-        ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size, default_horizon("twin"),
+        ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size, default_horizon("twin"),
                      **settings)
     wait_for_rank_zero()
-    records = ensure_demos(Path(args.demo_dir), wanted, "twin", args.split, args.image_size,
+    records = ensure_demos(Path(args.demo_dir), wanted, "twin", "pretrain", args.image_size,
                            default_horizon("twin"), **settings)
     heldout = frames_of(records["heldout"]).load()
     if args.fresh_demos:  # each rank its own stream, held in memory: the batches since start_step's last refresh
-        stream_envs = make_vec_env(args.split, 64, args.image_size, env="twin")
+        stream_envs = make_vec_env("pretrain", 64, args.image_size, env="twin")
         first, count = start_step // args.fresh_every, args.num_demos // args.fresh_demos
         held = [fresh_demonstrations(stream_envs, n, rank, args)
                 for n in tqdm(range(first, first + count), desc="fresh demonstrations", disable=rank > 0)]
@@ -381,7 +351,7 @@ def main(args: Args) -> dict[str, float]:
         if args.fresh_demos:
             first = args.base_steps // args.fresh_every
             seeds = np.concatenate([stream_ids(n, rank, args) for n in range(first, first + count)])
-        made = receptacle_pairs(seeds, args.image_size, args.split)
+        made = receptacle_pairs(seeds, args.image_size)
         if not len(made[2]):
             sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second "
                      "cycle: raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
@@ -393,8 +363,8 @@ def main(args: Args) -> dict[str, float]:
         The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
         receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames."""
         tokens = action_tokenizer.encode(stats.normalize(np.concatenate([frames.actions, pair_actions])))
-        grounding = grounding_frames(train_records, args.grounding_window, args.carry_window, args.split)
-        objects = grounding_frames(train_records, args.grounding_window, 0, args.split)
+        grounding = grounding_frames(train_records, args.grounding_window, args.carry_window)
+        objects = grounding_frames(train_records, args.grounding_window, 0)
         return tokens, grounding, np.concatenate([objects, len(frames) + np.arange(len(pair_actions))])
 
     if second_cycle and (not args.fresh_demos or start_step >= args.base_steps):
@@ -418,13 +388,6 @@ def main(args: Args) -> dict[str, float]:
         optimizer.load_state_dict(state["optimizer"])
         batch_rng.bit_generator.state = state["batch_rngs"][rank]
         base_fingerprint = state.get("base_fingerprint")
-    elif args.first_cycle_model is not None:  # its optimizer is not needed: the second cycle starts a fresh one
-        base, _, base_stats, _ = load_openvla_dir(args.first_cycle_model, torch.device("cpu"), UNNORM_KEY)
-        if not (np.allclose(base_stats.q01, stats.q01) and np.allclose(base_stats.q99, stats.q99)):
-            sys.exit(f"error: --first-cycle-model {args.first_cycle_model}: its norm_stats differ from these "
-                     "demonstrations' (other --action-noise or --demo-dir?)")
-        vla.load_state_dict(base.state_dict())
-        start_step = args.base_steps
     writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None) if rank == 0 else None
     metrics: dict[str, float] = {}
     rank_batch = args.batch_size // world
@@ -470,8 +433,8 @@ def main(args: Args) -> dict[str, float]:
             metrics["val/loss"] = val_loss.item()
             metrics.update({f"eval/{k}": v for k, v in success_rates(vla, tokenizer, stats, args).items()})
             vla.train()
-            tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success {args.split} "
-                       f"{metrics['eval/' + args.split]:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
+            tqdm.write(f"step {done}: val loss {metrics['val/loss']:.3f}, success pretrain "
+                       f"{metrics['eval/pretrain']:.3f}, multi_object_seen {metrics['eval/multi_object_seen']:.3f}")
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, done)

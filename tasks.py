@@ -38,11 +38,10 @@ SPLITS: dict[str, str] = {
     "unseen_robot_pose": "execution",
     "reposition": "execution",
 }
-# Splits of the twin alone: `pretrain` is the data the tiny VLA is pretrained on, the analogue
-# of the robot data OpenVLA saw before the study (no asset of an OOD split appears in it).
-# `pretrain_broad` is the broad pretraining of docs/STUDY_PROTOCOL.md (every OOD factor, none of the
-# exact OOD combinations); it becomes `pretrain` when a base pretrained on it is shipped.
-TWIN_ONLY_SPLITS = ("pretrain", "pretrain_broad")
+# The twin's own split: `pretrain` is the data the tiny VLA is pretrained on, the analogue of the
+# web and robot data OpenVLA saw before the study: broad, every OOD factor, none of the exact OOD
+# combinations (docs/STUDY_PROTOCOL.md).
+TWIN_ONLY_SPLITS = ("pretrain",)
 ENV_FAMILIES = ("maniskill", "twin")
 # The shipped pretrained tiny VLA of the twin (`make pretrain` regenerates it), in the official
 # OpenVLA layout: the base of the toy study, and of PPO's first run on a laptop.
@@ -54,7 +53,7 @@ NOISE_ALPHA = {"noise_weak": 0.3, "noise_strong": 0.5}
 MAX_EPISODE_ID = 2**31 - 1  # episode ids are drawn from [0, MAX_EPISODE_ID)
 
 # Instructions: templates are (verb, frame) pairs. `ind` uses one, "put {object} on {receptacle}";
-# `unseen_instructions` uses 16 held-out pairs; the twin's broad pretraining every other pair, so
+# `unseen_instructions` uses 16 held-out pairs; the twin's pretraining every other pair, so
 # it has seen every verb and every frame, but never a held-out combination (docs/STUDY_PROTOCOL.md).
 VERBS = ("put", "place", "move", "set", "lay", "drop", "bring", "get")
 FRAMES = (
@@ -77,7 +76,7 @@ TRAIN_TEMPLATE = template(0, 0)  # "put {object} on {receptacle}"
 # Each verb held out with two frames and each frame with two verbs (a Latin-square pattern).
 HELD_OUT_TEMPLATE_PAIRS = tuple((v, (v + k) % len(FRAMES)) for v in range(len(VERBS)) for k in (3, 6))
 UNSEEN_TEMPLATES = tuple(template(v, f) for v, f in HELD_OUT_TEMPLATE_PAIRS)
-BROAD_TEMPLATES = tuple(template(v, f) for v in range(len(VERBS)) for f in range(len(FRAMES))
+PRETRAIN_TEMPLATES = tuple(template(v, f) for v in range(len(VERBS)) for f in range(len(FRAMES))
                         if (v, f) not in HELD_OUT_TEMPLATE_PAIRS)
 
 
@@ -159,10 +158,10 @@ def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def make_table_texture(index: int, size: int = TABLE_TEXTURE_SIZE) -> np.ndarray:
-    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21-44)
+    """Procedural table appearance `index` as uint8 RGBA [size, size, 4]. Tables 0-15 (and 21-44, unused)
     are wood, checker, speckle and marble in many palettes; 16-20 use five other pattern
     families (stripes, dots, bricks, rings, plaid), so they are new in pattern and colour; from 45
-    on, all nine families in their own palettes (the broad pretraining's)."""
+    on, all nine families in their own palettes (the pretraining's)."""
     rng = np.random.default_rng([7, index])
     u, v = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
     c1, c2 = rng.uniform(0.15, 0.9, size=3), rng.uniform(0.15, 0.9, size=3)
@@ -237,7 +236,7 @@ def blend(image: np.ndarray, overlay: np.ndarray, alpha: float,
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
 
 
-# The broad pretraining's own overlays (twin_env's `pretrain_broad`): the same kinds of
+# The pretraining's own overlays (twin_env's `pretrain`): the same kinds of
 # perturbation as texture_* and noise_*, drawn by other generators, so pretraining teaches robustness
 # to an overlay without showing the evaluation's own patterns (docs/STUDY_PROTOCOL.md).
 

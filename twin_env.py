@@ -39,16 +39,12 @@ comparisons, as maniskill_env.decode_episode does):
              starts elsewhere); reposition (right before the action of step REPOSITION_STEP the
              target jumps far away; if it was held it leaves the still-closed gripper, which
              must open before it can grasp again)
-  pretrain   36 objects (the 4 training shapes + 2 own, x the 4 training colours + 2 own), 4 own
-             receptacles, 4 own templates, tables 21-44, 1-2 objects and 1-2 receptacles per
-             scene (so the instruction matters). No unseen shape, colour, receptacle, table or
-             template of an OOD split appears in it: the shipped model's pretraining.
-  pretrain_broad  the broad pretraining of docs/STUDY_PROTOCOL.md, drawn afresh rather than
-             edited from ind: every OOD factor, none of the exact OOD combinations (72 objects: every
+  pretrain   the pretraining of docs/STUDY_PROTOCOL.md, drawn afresh rather than edited
+             from ind: every OOD factor, none of the exact OOD combinations (72 objects: every
              (shape, colour) pair but unseen_objects'; all 9 receptacles; 48 (verb, frame)
              templates: all but unseen_instructions'; tables 45-116 of all nine families; texture or
              noise overlays from generators of its own; continuous positions, random start poses,
-             jumps of the target at random steps). It becomes `pretrain` once its base ships.
+             jumps of the target at random steps). The shipped model's pretraining.
 """
 
 from __future__ import annotations
@@ -66,9 +62,9 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from tasks import (
-    BROAD_TEMPLATES,
     MAX_EPISODE_ID,
     NOISE_ALPHA,
+    PRETRAIN_TEMPLATES,
     TEXTURE_ALPHA,
     TRAIN_TEMPLATE,
     TWIN_ONLY_SPLITS,
@@ -100,8 +96,10 @@ GRIPPER_COLOUR = (15, 15, 15)  # darker than any muted table, object or receptac
 # The study's domain (ind and every OOD split) may differ from pretraining by something the base
 # must adapt to, as ManiSkill's robot and renders differ from OpenVLA's data (docs/STUDY_PROTOCOL.md,
 # section 1): the gripper's look and its step. Calibration knobs, tuned on the base's and the
-# warm-up's calibration numbers only; equal to pretraining's until the broad base is shipped.
-STUDY_GRIPPER_COLOUR = GRIPPER_COLOUR
+# warm-up's calibration numbers only: a grey gripper of 100 puts the shipped base at 43.8% on `ind`
+# and its warm-up at 66.0%, with 13 of 15 OOD splits in 15-85% (grey 110: warm-up 44.9% on `ind`,
+# 8 OOD splits under 15%; docs/STUDY_PROTOCOL.md, 2026-12-04).
+STUDY_GRIPPER_COLOUR = (100, 100, 100)
 STUDY_STEP = STEP  # <= 0.11: the expert closes within half a step per axis, inside GRASP_RADIUS
 
 GRID_X = tuple(0.2 + 0.1 * i for i in range(7))  # training placements
@@ -140,11 +138,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 TRAIN_SHAPES, TRAIN_COLOURS = ("square", "ball", "cup", "block"), ("red", "green", "blue", "yellow")
 UNSEEN_SHAPES, UNSEEN_COLOURS = ("triangle", "cross", "diamond"), ("purple", "pink", "orange")
-PRETRAIN_SHAPES = TRAIN_SHAPES + ("box", "bottle")
-PRETRAIN_COLOURS = TRAIN_COLOURS + ("white", "brown")
 TRAIN_OBJECTS = tuple(f"{c} {s}" for s in TRAIN_SHAPES for c in TRAIN_COLOURS)
 UNSEEN_OBJECTS = tuple(f"{c} {s}" for s in UNSEEN_SHAPES for c in UNSEEN_COLOURS)
-PRETRAIN_OBJECTS = tuple(f"{c} {s}" for s in PRETRAIN_SHAPES for c in PRETRAIN_COLOURS)
 
 
 @dataclass(frozen=True)
@@ -167,27 +162,23 @@ RECEPTACLES: dict[str, Receptacle] = {
 }
 TRAIN_RECEPTACLE = "plate"
 UNSEEN_RECEPTACLES = ("bowl", "tray", "basket", "pan")
-PRETRAIN_RECEPTACLES = ("towel", "cloth", "pot", "sink")
-PRETRAIN_TEMPLATES = ("stack {object} on {receptacle}", "lift {object} onto {receptacle}",
-                      "put {object} in {receptacle}", "put {object} into {receptacle}")
-TRAIN_TABLES, UNSEEN_TABLES, PRETRAIN_TABLES = range(16), range(16, 21), range(21, 45)
-PRETRAIN_SECOND_OBJECT_P, PRETRAIN_SECOND_RECEPTACLE_P = 0.5, 0.3
+TRAIN_TABLES, UNSEEN_TABLES = range(16), range(16, 21)  # tables 21-44 were the first pretraining's
 
-# The broad pretraining (`pretrain_broad`, docs/STUDY_PROTOCOL.md): every shape and colour but not
+# The pretraining (`pretrain`, docs/STUDY_PROTOCOL.md): every shape and colour but not
 # the held-out pairs of unseen_objects, every receptacle as a target, every verb and frame but not
 # the held-out pairs of unseen_instructions, tables of all nine families, overlays from generators
 # of its own, continuous positions, random start poses and jumps of the target at random steps.
-BROAD_OBJECTS = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS if f"{c} {s}" not in UNSEEN_OBJECTS)
-BROAD_RECEPTACLES = tuple(RECEPTACLES)
-BROAD_TABLES = range(45, 117)
-BROAD_OBJECT_AREA = ((0.08, 0.04), (0.92, 0.82))  # covers the grid and unseen_position's ring
-BROAD_RECEPTACLE_AREA = ((0.13, 0.1), (0.87, 0.8))  # the whole footprint on the table
-BROAD_SECOND_OBJECT_P, BROAD_SECOND_RECEPTACLE_P = 0.5, 0.3
-BROAD_RELATED_OBJECT_P = 0.6  # a second object shares the target's shape or colour: both words matter
-BROAD_START_POSE_P = 0.5  # the gripper starts anywhere instead of at home
-BROAD_REPOSITION_P, BROAD_REPOSITION_STEPS = 0.25, (2, 12)  # the target jumps before such a step
-BROAD_OVERLAY_P = {"texture": 0.2, "noise": 0.2}  # else a clean episode
-BROAD_OVERLAY_ALPHA = (0.1, 0.6)
+PRETRAIN_OBJECTS = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS if f"{c} {s}" not in UNSEEN_OBJECTS)
+PRETRAIN_RECEPTACLES = tuple(RECEPTACLES)
+PRETRAIN_TABLES = range(45, 117)
+PRETRAIN_OBJECT_AREA = ((0.08, 0.04), (0.92, 0.82))  # covers the grid and unseen_position's ring
+PRETRAIN_RECEPTACLE_AREA = ((0.13, 0.1), (0.87, 0.8))  # the whole footprint on the table
+PRETRAIN_SECOND_OBJECT_P, PRETRAIN_SECOND_RECEPTACLE_P = 0.5, 0.3
+PRETRAIN_RELATED_OBJECT_P = 0.6  # a second object shares the target's shape or colour: both words matter
+PRETRAIN_START_POSE_P = 0.5  # the gripper starts anywhere instead of at home
+PRETRAIN_REPOSITION_P, PRETRAIN_REPOSITION_STEPS = 0.25, (2, 12)  # the target jumps before such a step
+PRETRAIN_OVERLAY_P = {"texture": 0.2, "noise": 0.2}  # else a clean episode
+PRETRAIN_OVERLAY_ALPHA = (0.1, 0.6)
 
 # --------------------------------------------------------------------------------------------
 # 3. Episode ids -> configurations
@@ -213,7 +204,7 @@ class TwinEpisode:
     gripper_xy: XY = GRIPPER_HOME
     reposition_xy: XY | None = None
     reposition_step: int = REPOSITION_STEP
-    overlay: str | None = None  # pretrain_broad: "texture" | "noise", new at every step
+    overlay: str | None = None  # pretrain: "texture" | "noise", new at every step
     overlay_alpha: float = 0.0
 
     @property
@@ -287,23 +278,23 @@ def ind_episode(episode_id: int) -> TwinEpisode:
     )
 
 
-def broad_pretrain_episode(episode_id: int) -> TwinEpisode:
-    """A `pretrain_broad` configuration: drawn afresh, not an edit of the ind episode. A layout
+def pretrain_episode(episode_id: int) -> TwinEpisode:
+    """A `pretrain` configuration: drawn afresh, not an edit of the ind episode. A layout
     that leaves no room for the next thing (~1 id in 2,000: a start pose and two receptacles in
     the middle) is drawn again from the id's next stream."""
     for attempt in range(100):
-        rng = np.random.default_rng([zlib.crc32(b"pretrain_broad"), episode_id, *([attempt] if attempt else [])])
+        rng = np.random.default_rng([zlib.crc32(b"pretrain"), episode_id, *([attempt] if attempt else [])])
         try:
-            return broad_layout(rng, episode_id)
+            return pretrain_layout(rng, episode_id)
         except RuntimeError:
             continue
-    raise RuntimeError(f"pretrain_broad episode {episode_id}: no layout in 100 draws")
+    raise RuntimeError(f"pretrain episode {episode_id}: no layout in 100 draws")
 
 
-def broad_layout(rng: np.random.Generator, episode_id: int) -> TwinEpisode:
-    """One draw of broad_pretrain_episode's; RuntimeError when something cannot be placed."""
+def pretrain_layout(rng: np.random.Generator, episode_id: int) -> TwinEpisode:
+    """One draw of pretrain_episode's; RuntimeError when something cannot be placed."""
     start = GRIPPER_HOME
-    if rng.random() < BROAD_START_POSE_P:
+    if rng.random() < PRETRAIN_START_POSE_P:
         start = (float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.1, 0.9)))
     placed: Occupied = [(start, GRIPPER_CLEARANCE)]
 
@@ -312,29 +303,29 @@ def broad_layout(rng: np.random.Generator, episode_id: int) -> TwinEpisode:
         placed.append((xy, radius))
         return xy
 
-    receptacles = [str(n) for n in rng.choice(BROAD_RECEPTACLES, size=2, replace=False)]
-    receptacles = receptacles[:2 if rng.random() < BROAD_SECOND_RECEPTACLE_P else 1]
-    receptacle_xy = [place(BROAD_RECEPTACLE_AREA, RECEPTACLE_CLEARANCE) for _ in receptacles]
-    objects = [str(rng.choice(BROAD_OBJECTS))]
-    if rng.random() < BROAD_SECOND_OBJECT_P:
+    receptacles = [str(n) for n in rng.choice(PRETRAIN_RECEPTACLES, size=2, replace=False)]
+    receptacles = receptacles[:2 if rng.random() < PRETRAIN_SECOND_RECEPTACLE_P else 1]
+    receptacle_xy = [place(PRETRAIN_RECEPTACLE_AREA, RECEPTACLE_CLEARANCE) for _ in receptacles]
+    objects = [str(rng.choice(PRETRAIN_OBJECTS))]
+    if rng.random() < PRETRAIN_SECOND_OBJECT_P:
         colour, shape = objects[0].split()
-        related = rng.random() < BROAD_RELATED_OBJECT_P
-        others = [n for n in BROAD_OBJECTS if n != objects[0]
+        related = rng.random() < PRETRAIN_RELATED_OBJECT_P
+        others = [n for n in PRETRAIN_OBJECTS if n != objects[0]
                   and (not related or n.split()[0] == colour or n.split()[1] == shape)]
         objects.append(str(rng.choice(others)))
-    object_xy = [place(BROAD_OBJECT_AREA, OBJECT_CLEARANCE) for _ in objects]
-    ep = TwinEpisode(split="pretrain_broad", episode_id=episode_id, table=int(rng.choice(BROAD_TABLES)),
+    object_xy = [place(PRETRAIN_OBJECT_AREA, OBJECT_CLEARANCE) for _ in objects]
+    ep = TwinEpisode(split="pretrain", episode_id=episode_id, table=int(rng.choice(PRETRAIN_TABLES)),
                      objects=objects, object_xy=object_xy, receptacles=receptacles,
-                     receptacle_xy=receptacle_xy, template=str(rng.choice(BROAD_TEMPLATES)), gripper_xy=start)
-    if rng.random() < BROAD_REPOSITION_P:
+                     receptacle_xy=receptacle_xy, template=str(rng.choice(PRETRAIN_TEMPLATES)), gripper_xy=start)
+    if rng.random() < PRETRAIN_REPOSITION_P:
         keep_clear = [(xy, RECEPTACLE_CLEARANCE + OBJECT_CLEARANCE) for xy in receptacle_xy]
         keep_clear.append((object_xy[0], REPOSITION_MIN_DISTANCE))
-        ep.reposition_step = int(rng.integers(BROAD_REPOSITION_STEPS[0], BROAD_REPOSITION_STEPS[1] + 1))
-        ep.reposition_xy = uniform_xy(rng, *BROAD_OBJECT_AREA, lambda xy: is_clear(xy, 0.0, keep_clear))
+        ep.reposition_step = int(rng.integers(PRETRAIN_REPOSITION_STEPS[0], PRETRAIN_REPOSITION_STEPS[1] + 1))
+        ep.reposition_xy = uniform_xy(rng, *PRETRAIN_OBJECT_AREA, lambda xy: is_clear(xy, 0.0, keep_clear))
     overlay = rng.random()
-    for kind, p in BROAD_OVERLAY_P.items():
+    for kind, p in PRETRAIN_OVERLAY_P.items():
         if overlay < p:
-            ep.overlay, ep.overlay_alpha = kind, float(rng.uniform(*BROAD_OVERLAY_ALPHA))
+            ep.overlay, ep.overlay_alpha = kind, float(rng.uniform(*PRETRAIN_OVERLAY_ALPHA))
             break
         overlay -= p
     return ep
@@ -342,10 +333,10 @@ def broad_layout(rng: np.random.Generator, episode_id: int) -> TwinEpisode:
 
 def decode_episode(split: str, episode_id: int) -> TwinEpisode:
     """Deterministic id -> configuration: the ind episode of the id, edited by the split
-    (`pretrain_broad`: drawn afresh)."""
+    (`pretrain`: drawn afresh)."""
     check_split(split, "twin")
-    if split == "pretrain_broad":
-        return broad_pretrain_episode(int(episode_id))
+    if split == "pretrain":
+        return pretrain_episode(int(episode_id))
     ep = ind_episode(int(episode_id))
     ep.split = split
     # A second stream per split, so the edits below never shift the shared draws above.
@@ -385,26 +376,7 @@ def decode_episode(split: str, episode_id: int) -> TwinEpisode:
         keep_clear.append((ep.object_xy[0], REPOSITION_MIN_DISTANCE))
         ep.reposition_xy = uniform_xy(rng, (GRID_X[0], GRID_Y[0]), (GRID_X[-1], GRID_Y[-1]),
                                       lambda xy: is_clear(xy, 0.0, keep_clear))
-    elif split == "pretrain":
-        edit_pretrain(ep, rng, placed)
     return ep
-
-
-def edit_pretrain(ep: TwinEpisode, rng: np.random.Generator, placed: Occupied) -> None:
-    """Pretraining assets on the ind layout, sometimes with a second object and receptacle."""
-    ep.table = int(rng.choice(PRETRAIN_TABLES))
-    ep.template = str(rng.choice(PRETRAIN_TEMPLATES))
-    objects = [str(n) for n in rng.choice(PRETRAIN_OBJECTS, size=2, replace=False)]
-    receptacles = [str(n) for n in rng.choice(PRETRAIN_RECEPTACLES, size=2, replace=False)]
-    ep.objects, ep.receptacles = objects[:1], receptacles[:1]
-    if rng.random() < PRETRAIN_SECOND_OBJECT_P:
-        ep.objects.append(objects[1])
-        ep.object_xy.append(grid_xy(rng, OBJECT_CLEARANCE, placed))
-        placed = placed + [(ep.object_xy[1], OBJECT_CLEARANCE)]
-    room = len(free_grid_points(RECEPTACLE_CLEARANCE, placed)) > 0
-    if rng.random() < PRETRAIN_SECOND_RECEPTACLE_P and room:  # skipped when no room is left
-        ep.receptacles.append(receptacles[1])
-        ep.receptacle_xy.append(grid_xy(rng, RECEPTACLE_CLEARANCE, placed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -686,7 +658,7 @@ class TwinVecEnv(gymnasium.vector.VectorEnv):
             noise = np.stack([random_noise(frame_rng(self.split, i, self.t), size, size)
                               for i in self.episode_ids])
             image = blend(image, noise, NOISE_ALPHA[self.split])
-        elif self.split == "pretrain_broad":  # the pretraining's own overlays, per episode
+        elif self.split == "pretrain":  # the pretraining's own overlays, per episode
             for i, ep in enumerate(self.episodes):
                 if ep.overlay is not None:
                     rng = frame_rng(self.split, ep.episode_id, self.t)

@@ -3,7 +3,7 @@
 # and on the pretraining split, on CALIBRATION episode ids (which no evaluation, demo or RL episode
 # uses), 256 episodes each, temperature 0.6, with 95% Wilson intervals. Nothing else is tuned on.
 #
-#   BASE=runs/tiny-openvla-twin-broad bash scripts/calibrate.sh                 # the warm-up recipe as it is
+#   BASE=assets/tiny-openvla-twin bash scripts/calibrate.sh                 # the warm-up recipe as it is
 #   BASE=... OUT=/tmp/cal-16 bash scripts/calibrate.sh --num-demos 16 --total-steps 100  # a warm-up variant
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 TORCHRUN="$(dirname "$PY")/torchrun --standalone --nproc_per_node 2"
 BASE=${BASE:-assets/tiny-openvla-twin}
-PRETRAIN_SPLIT=${PRETRAIN_SPLIT:-pretrain_broad}
+PRETRAIN_SPLIT=${PRETRAIN_SPLIT:-pretrain}
 OUT=${OUT:-results/calibration}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 

@@ -3,7 +3,7 @@ receptacles in the scene, overlay, start pose, a jump of the target), on calibra
 with 95% Wilson intervals. Guides the pretraining recipe (docs/STUDY_PROTOCOL.md: tuned on the
 base's calibration numbers only).
 
-    python scripts/pretrain_breakdown.py --model-path runs/tiny-openvla-twin-broad --episodes 512
+    python scripts/pretrain_breakdown.py --model-path assets/tiny-openvla-twin --episodes 512
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ class Args:
 
     model_path: str = "assets/tiny-openvla-twin"
     """the model directory (official OpenVLA layout)"""
-    split: str = "pretrain_broad"
-    """the pretraining split to play"""
     episodes: int = 512
     """calibration episodes to play"""
     temperature: float = 0.6
@@ -51,14 +49,14 @@ def factors(split: str, episode_id: int) -> dict[str, str]:
 def main(args: Args) -> None:
     torch.manual_seed(0)
     agent = build_agent(args.model_path, critic=None, device="cpu")
-    ids = calibration_episode_ids(args.split, args.episodes)
-    envs = make_vec_env(args.split, args.num_envs, agent.image_size, seed=0, env="twin")
+    ids = calibration_episode_ids("pretrain", args.episodes)
+    envs = make_vec_env("pretrain", args.num_envs, agent.image_size, seed=0, env="twin")
     outcome = evaluate_policy(agent.as_policy(args.temperature), envs, ids)
     envs.close()
     low, high = wilson_interval(int(outcome.success.sum()), len(ids))
-    print(f"{args.split}: {100 * outcome.success_rate:.1f}% [{low:.1f}, {high:.1f}] of {len(ids)} calibration "
+    print(f"pretrain: {100 * outcome.success_rate:.1f}% [{low:.1f}, {high:.1f}] of {len(ids)} calibration "
           f"episodes at temperature {args.temperature} ({args.model_path})")
-    table = [factors(args.split, int(i)) for i in ids]
+    table = [factors("pretrain", int(i)) for i in ids]
     for factor in table[0]:
         for value in sorted({row[factor] for row in table}):
             chosen = np.array([row[factor] == value for row in table])

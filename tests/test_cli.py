@@ -46,10 +46,6 @@ def cases() -> list[tuple[str, list[str], str]]:
         # check_model_args, shared by the training scripts
         ("ppo_vla.py", ["--lora-rank", "0"], "--lora-rank must be at least 1"),
         ("pretrain_tiny.py", ["--receptacle-steps", "-1"], "--receptacle-steps must be >= 0, got -1"),
-        ("pretrain_tiny.py", ["--first-cycle-model", "nowhere", "--receptacle-steps", "2"],
-         "--first-cycle-model: no nowhere/config.json"),
-        ("pretrain_tiny.py", ["--first-cycle-model", "assets/tiny-openvla-twin", "--receptacle-steps", "0",
-                               "--receptacle-mix-steps", "0"], "there must be a second"),
         ("grpo_vla.py", ["--image-size", "0"], "--image-size must be at least 1"),
         ("dpo_vla.py", ["--image-size", "57"], "--image-size must be a multiple of"),
         ("sft_warmup.py", ["--exp-name", "a/b"], "--exp-name must be a plain name"),

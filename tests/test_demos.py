@@ -106,7 +106,7 @@ def test_demos_of_another_robot_are_never_mixed_in(tmp_path: Path, monkeypatch) 
     monkeypatch.undo()
     del manifest["robot"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    if twin_env.robot_of("ind") == twin_env.robot_of("pretrain_broad"):
+    if twin_env.robot_of("ind") == twin_env.robot_of("pretrain"):
         collect(tmp_path, train=2)  # the study domain is pretraining's: the old directory still fits
     else:
         with pytest.raises(DemoError, match="robot="):

@@ -29,7 +29,7 @@ def test_splits_are_listed_in_order_with_their_dimension():
     assert dims == sorted(dims, key=["ind", "vision", "semantics", "execution"].index)
     assert dims.count("vision") == 5 and dims.count("semantics") == 7 and dims.count("execution") == 3
     assert E.valid_splits("maniskill") == tuple(E.SPLITS)
-    assert E.valid_splits("twin") == tuple(E.SPLITS) + ("pretrain", "pretrain_broad")
+    assert E.valid_splits("twin") == tuple(E.SPLITS) + ("pretrain",)
 
 
 def test_the_factory_refuses_what_does_not_exist():

@@ -227,6 +227,31 @@ def test_paired_differences_and_their_bootstrap_intervals_on_known_answers(tmp_p
         evaluate_ood.check_args(Args(checkpoint=["SFT=a", "PPO=b"], reference="RL", output_dir=str(tmp_path / "o")))
 
 
+def test_an_excluded_split_is_shown_but_left_out_of_its_dimension_average(tmp_path: Path) -> None:
+    # unseen_table 10%, noise_strong 30% (SFT) and 40%, 10% (PPO): with noise_strong excluded the
+    # vision average is unseen_table's alone, for the rates and the paired difference alike.
+    def rate(k: int) -> list[EpisodeOutcomes]:
+        return [outcomes([True] * k + [False] * (100 - k))]
+    results = {"SFT": {"ind": rate(50), "unseen_table": rate(10), "noise_strong": rate(30)},
+               "PPO": {"ind": rate(60), "unseen_table": rate(40), "noise_strong": rate(10)}}
+    kept = evaluate_ood.summarise(results)
+    left_out = evaluate_ood.summarise(results, excluded=("noise_strong",))
+    assert kept["SFT"]["avg:vision"]["mean"] == pytest.approx(20.0)
+    assert left_out["SFT"]["avg:vision"]["mean"] == pytest.approx(10.0)
+    assert left_out["PPO"]["noise_strong"]["mean"] == pytest.approx(10.0)  # still reported
+    compared = evaluate_ood.paired_differences(results, "SFT", excluded=("noise_strong",))
+    assert compared["PPO"]["avg:vision"]["difference"] == pytest.approx(30.0)
+    args = Args(checkpoint=["SFT", "PPO"], seeds=(0,), episodes=100, paper_columns=False,
+                exclude_from_averages=("noise_strong",))
+    table = evaluate_ood.format_table(left_out, ["ind", "unseen_table", "noise_strong"], args)
+    assert "noise_strong *" in table and "left out of its dimension's average" in table
+    with pytest.raises(ValueError, match="'ind' is not an OOD split of this evaluation"):
+        evaluate_ood.check_args(Args(checkpoint=["SFT=a", "PPO=b"], exclude_from_averages=("ind",),
+                                     output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="'noise_strong' is not an OOD split of this evaluation"):
+        evaluate_ood.check_args(Args(checkpoint=["SFT=a", "PPO=b"], splits=("ind", "semantics"),
+                                     exclude_from_averages=("noise_strong",), output_dir=str(tmp_path / "o")))
+
 def test_training_runs_of_a_method_pool_their_rates_and_pair_run_by_run(tmp_path: Path) -> None:
     # NAME repeated: 3 training runs of PPO and of SFT, one evaluation seed of 10 episodes each.
     # PPO's runs succeed on 6 / 8 / 10 episodes, SFT's on 5 / 5 / 5: PPO 80 +- 20 (sample std over

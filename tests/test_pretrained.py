@@ -64,17 +64,16 @@ def test_it_acts_as_measured_at_export(pretrained, recipe: dict) -> None:
     assert greedy.shape == (2, 7) and np.isin(greedy[:, 6], (-1.0, 1.0)).all()
 
 
-@pytest.mark.parametrize("split", ["pretrain", "pretrain_broad"])
-def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_path, split: str) -> None:
+def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_path) -> None:
     # Replayed through the twin, pretrain_tiny's grounding frames must be the first steps of a
     # two-object scene before its target is grasped and the first steps that carry it closed in
     # a two-receptacle scene, and nothing of a one-object, one-receptacle scene.
     from demos import ensure_demos
     from pretrain_tiny import Args, batch_indices, grounding_frames
     from twin_env import decode_episode
-    window, carry_window = 2, 3
+    window, carry_window, split = 2, 3, "pretrain"
     records = ensure_demos(tmp_path, {"train": 32}, "twin", split, 32, 30, num_envs=8)["train"]
-    # A jump of the target (pretrain_broad) makes "the grasp" ambiguous: the first close counts.
+    # A jump of the target (pretrain) makes "the grasp" ambiguous: the first close counts.
     # Compared here on the scenes without one.
     records = [r for r in records if decode_episode(split, r["episode_seed"]).reposition_xy is None]
     expected, kinds = [], set()
@@ -93,7 +92,7 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
             env.step(action[None])
         env.close()
     assert {(1, 1), (2, 1), (1, 2)} <= kinds, "precondition: the episodes cover the scene kinds"
-    grounding = grounding_frames(records, window, carry_window, split)
+    grounding = grounding_frames(records, window, carry_window)
     np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
 
     # The batches: grounding frames only during the first --grounding-steps, then the share asked;
@@ -140,28 +139,19 @@ def test_a_receptacle_pair_is_a_carrying_frame_and_its_twin_with_the_other_recep
     assert differ >= 3, "precondition: the two receptacles mostly ask for different first carrying moves"
 
 
-def test_the_second_cycle_starts_from_the_first_cycles_model(tmp_path) -> None:
-    # --first-cycle-model: the second cycle (the receptacle pairs) continues the weights a
-    # first-cycle-only run wrote, and the recipe records which; a model of another size is refused.
+def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> None:
+    # --fresh-demos 0: one set of demonstrations on disk, shared by the ranks and reused by the next
+    # run; the second cycle starts from the first's weights, which the recipe records.
     import pretrain_tiny
-    small = dict(num_demos=24, heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100,
-                 eval_episodes=4, save_every=100, grounding_steps=1, demo_dir=str(tmp_path / "demos"))
-    first = pretrain_tiny.Args(**small, base_steps=3, receptacle_steps=0, receptacle_mix_steps=0,
-                               output=str(tmp_path / "first"), run_dir=str(tmp_path / "run1"))
-    pretrain_tiny.main(first)
-    second = pretrain_tiny.Args(**small, base_steps=3, receptacle_steps=2, receptacle_mix_steps=2,
-                                first_cycle_model=first.output, output=str(tmp_path / "second"),
-                                run_dir=str(tmp_path / "run2"))
-    pretrain_tiny.check_args(second)
-    pretrain_tiny.main(second)
-    made = {name: json.loads((tmp_path / name / "pretrain_config.json").read_text()) for name in ("first", "second")}
-    assert made["second"]["base_fingerprint"] == made["first"]["fingerprint"] != made["second"]["fingerprint"]
-    assert made["second"]["receptacle_pairs"] > 0
-    other = pretrain_tiny.Args(**{**small, "image_size": 64}, receptacle_steps=2, first_cycle_model=first.output)
-    with pytest.raises(ValueError, match="takes 32 px images"):
-        pretrain_tiny.check_args(other)
-    with pytest.raises(ValueError, match="--split must be pretrain or pretrain_broad"):
-        pretrain_tiny.check_args(pretrain_tiny.Args(**small, split="ind"))
+    small = dict(fresh_demos=0, num_demos=24, heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1,
+                 eval_every=100, eval_episodes=4, save_every=100, grounding_steps=1, base_steps=3,
+                 receptacle_steps=2, receptacle_mix_steps=2, demo_dir=str(tmp_path / "demos"))
+    pretrain_tiny.main(pretrain_tiny.Args(**small, output=str(tmp_path / "model"), run_dir=str(tmp_path / "run")))
+    made = json.loads((tmp_path / "model" / "pretrain_config.json").read_text())
+    assert made["base_fingerprint"] not in (None, made["fingerprint"]) and made["receptacle_pairs"] > 0
+    assert list((tmp_path / "demos").glob("train-*.h5")), "the set is on disk, for the next run"
+    with pytest.raises(ValueError, match="--image-size must be a multiple of"):
+        pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "image_size": 40}))
 
 
 def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
@@ -169,7 +159,7 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
     # oldest. A run interrupted after a refresh and after the second cycle began rebuilds what it
     # held (the stream is a function of seed, rank and batch number) and ends on the same weights.
     import pretrain_tiny
-    small = dict(split="pretrain_broad", action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
+    small = dict(action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
                  heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100, eval_episodes=4,
                  save_every=1, grounding_steps=1, base_steps=4, receptacle_steps=2, receptacle_mix_steps=2,
                  demo_dir=str(tmp_path / "demos"))
@@ -206,4 +196,4 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
 
 
 def make_twin_envs():
-    return make_vec_env("pretrain_broad", 8, 32, env="twin")
+    return make_vec_env("pretrain", 8, 32, env="twin")

@@ -1,5 +1,5 @@
-"""The rule of docs/STUDY_PROTOCOL.md (section 1), checked on the twin: the broad pretraining
-(`pretrain_broad`) shows every OOD factor, `ind` stays narrow along every OOD axis, and the exact
+"""The rule of docs/STUDY_PROTOCOL.md (section 1), checked on the twin: the pretraining
+(`pretrain`) shows every OOD factor, `ind` stays narrow along every OOD axis, and the exact
 OOD combinations (held-out object pairs, held-out templates, the evaluation's overlay generators,
 the unseen tables) appear in neither. Section 3: calibration ids are no evaluation's."""
 
@@ -19,7 +19,7 @@ OOD_SPLITS = [s for s in E.SPLITS if s != "ind"]
 
 @pytest.fixture(scope="module")
 def broad() -> list[T.TwinEpisode]:
-    return [T.decode_episode("pretrain_broad", i) for i in range(EPISODES)]
+    return [T.decode_episode("pretrain", i) for i in range(EPISODES)]
 
 
 def words(instructions) -> set[str]:
@@ -53,7 +53,7 @@ def test_pretraining_shows_every_receptacle_as_a_target_and_scenes_of_two(broad)
 
 def test_pretraining_templates_hold_every_verb_and_frame_but_no_held_out_pair(broad) -> None:
     used = {ep.template for ep in broad}
-    assert used == set(E.BROAD_TEMPLATES) and not used & set(E.UNSEEN_TEMPLATES)
+    assert used == set(E.PRETRAIN_TEMPLATES) and not used & set(E.UNSEEN_TEMPLATES)
     assert E.TRAIN_TEMPLATE not in E.UNSEEN_TEMPLATES and len(set(E.UNSEEN_TEMPLATES)) == 16
     for verb in range(len(E.VERBS)):
         assert any(E.template(verb, f) in used for f in range(len(E.FRAMES))), E.VERBS[verb]
@@ -94,9 +94,9 @@ def test_pretraining_varies_positions_start_poses_and_moves_the_target(broad) ->
 def test_a_jump_in_pretraining_can_take_the_target_out_of_the_gripper() -> None:
     # Played by the expert, some jumps come while the target is held: it must leave the
     # gripper and end where the episode says, and the expert still succeeds.
-    ids = [ep.episode_id for ep in (T.decode_episode("pretrain_broad", i) for i in range(600))
+    ids = [ep.episode_id for ep in (T.decode_episode("pretrain", i) for i in range(600))
            if ep.reposition_xy is not None][:64]
-    env = T.TwinVecEnv("pretrain_broad", len(ids), 32)
+    env = T.TwinVecEnv("pretrain", len(ids), 32)
     env.reset(options={"episode_ids": np.array(ids)})
     held_at_jump = 0
     for t in range(env.max_episode_steps):
@@ -120,11 +120,11 @@ def test_pretraining_overlays_come_from_generators_of_their_own(monkeypatch) -> 
         raise AssertionError("an evaluation generator drew a pretraining frame")
     monkeypatch.setattr(T, "random_pattern", forbidden)
     monkeypatch.setattr(T, "random_noise", forbidden)
-    episodes = [T.decode_episode("pretrain_broad", i) for i in range(300)]
+    episodes = [T.decode_episode("pretrain", i) for i in range(300)]
     for kind in ("texture", "noise"):
         ids = [ep.episode_id for ep in episodes if ep.overlay == kind][:8]
         assert len(ids) == 8
-        env = T.TwinVecEnv("pretrain_broad", 8, 64)
+        env = T.TwinVecEnv("pretrain", 8, 64)
         obs, _ = env.reset(options={"episode_ids": np.array(ids)})
         clean, labels = env.render_frame()
         changed = (obs["image"] != clean).any(axis=-1)  # [N, H, W]
@@ -173,11 +173,11 @@ def test_the_study_domain_knobs_change_the_study_splits_only(monkeypatch) -> Non
     monkeypatch.setattr(T, "STUDY_STEP", 0.08)
     monkeypatch.setattr(T, "STUDY_GRIPPER_COLOUR", (200, 40, 200))
     for split, step, colour in (("ind", 0.08, (200, 40, 200)), ("reposition", 0.08, (200, 40, 200)),
-                                ("pretrain_broad", T.STEP, T.GRIPPER_COLOUR)):
+                                ("pretrain", T.STEP, T.GRIPPER_COLOUR)):
         env = T.TwinVecEnv(split, 32, 64)
         obs, _ = env.reset(options={"episode_ids": np.arange(32)})
         gripper = env.segmentation == T.LABEL_GRIPPER
-        assert (obs["image"][gripper] == colour).all() or split == "pretrain_broad" and \
+        assert (obs["image"][gripper] == colour).all() or split == "pretrain" and \
             (env.render_frame()[0][gripper] == colour).all()
         before = env.gripper_xy.copy()
         move = np.zeros((32, 7), np.float32)
