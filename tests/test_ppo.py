@@ -329,9 +329,11 @@ def test_divergence_in_iteration_2_stops_with_one_line_and_keeps_iteration_1(tmp
     assert all(torch.isfinite(p).all() for p in agent.parameters())
 
 
-def test_a_policy_that_diverged_is_caught_in_the_next_rollout(tmp_path: Path) -> None:
-    # lr 1e6 on the adapters: finite weights after iteration 1, non-finite logits in iteration 2.
-    with pytest.raises(NonFiniteError, match=r"action_logits is (nan|inf) at iteration 2") as info:
+def test_a_policy_that_diverged_is_caught_in_the_next_iteration(tmp_path: Path) -> None:
+    # lr 1e6 on the adapters: finite weights after iteration 1, then non-finite logits in iteration
+    # 2's rollout or a non-finite gradient in its update (which one first depends on the twin's
+    # pixels: the study's grey gripper, 2026-12-04, moved it from the first to the second).
+    with pytest.raises(NonFiniteError, match=r"(action_logits|grad_norm) is (nan|inf) at iteration 2") as info:
         ppo_vla.main(twin_args(tmp_path, total_iterations=3, minibatch_size=20, learning_rate=1e6))
     assert "\n" not in str(info.value)
     assert load_checkpoint(tmp_path / "twin" / "checkpoint")[1]["iteration"] == 1
