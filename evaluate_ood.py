@@ -100,9 +100,9 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--seeds has repeats: {args.seeds}")
     chosen = resolve_splits(args.splits, args.env)
     for split in args.exclude_from_averages:
-        if split not in chosen or dimension_of(split) in ("ind", split):
+        if split not in chosen or SPLITS.get(split, "ind") == "ind":  # called at import: no dimension_of yet
             raise ValueError(f"--exclude-from-averages {split!r} is not an OOD split of this evaluation "
-                             f"({', '.join(s for s in chosen if dimension_of(s) not in ('ind', s))})")
+                             f"({', '.join(s for s in chosen if SPLITS.get(s, 'ind') != 'ind')})")
     labels = [parse_checkpoint(spec)[0] for spec in args.checkpoint]
     # 'base' takes --model-path's statistics; a checkpoint keeps those it was trained with.
     check_unnorm_key(args.model_path, args.unnorm_key,
