@@ -253,7 +253,7 @@ def test_an_excluded_split_is_shown_but_left_out_of_its_dimension_average(tmp_pa
                                      exclude_from_averages=("noise_strong",), output_dir=str(tmp_path / "o")))
     result = run_cli("evaluate_ood.py", "--checkpoint", "base", "--env", "twin", "--splits", "ind",
                      "--exclude-from-averages", "ind", "--output-dir", str(tmp_path / "cli"), without_torch=True)
-    assert result.returncode == 1  # the command line checks it before torch, as a one-line error
+    assert result.returncode == 2  # the command line checks it before torch, as a one-line usage error
     assert_one_line_error(result, "--exclude-from-averages 'ind' is not an OOD split")
 
 def test_training_runs_of_a_method_pool_their_rates_and_pair_run_by_run(tmp_path: Path) -> None:
