@@ -316,8 +316,8 @@ class ActorCritic(nn.Module):
         with self.policy.disable_adapter():
             inputs = self.prepare_inputs(images, instructions)
             embeds = self.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
-            tokens, _, _ = self.sample_action_tokens(embeds, inputs.attention_mask, 1.0, "kl_from_base")
-            base_logits, _, _ = self.teacher_forced(images, instructions, tokens)  # [B, 7, 256]
+            tokens, _, hidden = self.sample_action_tokens(embeds, inputs.attention_mask, 1.0, "kl_from_base")
+            base_logits = self.action_logits(hidden)  # [B, 7, 256]: the draw's own distributions
         logits, _, _ = self.teacher_forced(images, instructions, tokens)
         base, tuned = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(logits.double(), -1)
         return (base.exp() * (base - tuned)).sum((-1, -2)).float()

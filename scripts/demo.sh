@@ -3,9 +3,9 @@
 # shipped pretrained tiny VLA (assets/tiny-openvla-twin, the stand-in for pretrained OpenVLA):
 #   1. LoRA SFT warm-up on a few `ind` demos, then PPO from it (--epochs 1 --temperature 1.0)
 #   2. the SFT baseline: LoRA SFT on many `ind` demos, from the base (the paper's SFT-16k)
-#   3. GRPO and DPO from the same warm-up
-#   4. every checkpoint on all 16 splits, the same episode ids for each: table with PPO, GRPO, DPO
-#      minus SFT paired over episodes (95% bootstrap intervals), KL from the base, chart, JSON, CSV
+#   3. (`make study` only: GRPO and DPO from the same warm-up; the demo's 30 minutes leave no room)
+#   4. every checkpoint on all 16 splits, the same episode ids for each: table with each minus SFT
+#      paired over episodes (95% bootstrap intervals), KL from the base, chart, JSON, CSV
 #   5. SFT's and PPO's snapshots along training on all splits: OOD success against `ind` success
 #      (scripts/matched_ind.py), i.e. compared at matched in-distribution success
 # Every stage runs on 2 processes (torchrun, one torch thread each): the two cores of this machine.
@@ -23,9 +23,11 @@ RUNS=$OUT/runs
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 BASE=assets/tiny-openvla-twin
 if [[ "${STUDY:-0}" == 1 ]]; then
-  TRAIN_SEEDS="0 1 2"; EVAL_SEEDS="0 1"; EPISODES=64; MATCHED_EPISODES=32
+  TRAIN_SEEDS="0 1 2"; EVAL_SEEDS="0 1"; EPISODES=64; MATCHED_EPISODES=32; STAGES=4
+  METHODS="warm-up:warmup SFT:sft PPO:ppo GRPO:grpo DPO:dpo"
 else
-  TRAIN_SEEDS="0"; EVAL_SEEDS="0 1 2"; EPISODES=32; MATCHED_EPISODES=16
+  TRAIN_SEEDS="0"; EVAL_SEEDS="0 1 2"; EPISODES=32; MATCHED_EPISODES=16; STAGES=3
+  METHODS="warm-up:warmup SFT:sft PPO:ppo"
 fi
 
 stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -36,23 +38,24 @@ common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
 checkpoints=(--checkpoint base --model-path "$BASE")
 
 for seed in $TRAIN_SEEDS; do
-  stage "training seed $seed: 1/4 SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
+  stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
   $TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --seed "$seed" --exp-name "warmup-$seed"
 
-  stage "training seed $seed: 2/4 PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
+  stage "training seed $seed: 2/$STAGES PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
   $TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "ppo-$seed" \
     --epochs 1 --temperature 1.0 --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints
 
-  stage "training seed $seed: 3/4 SFT baseline, LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
+  stage "training seed $seed: 3/$STAGES SFT baseline, LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
   $TORCHRUN sft_warmup.py twin-sft "${common[@]}" --seed "$seed" --exp-name "sft-$seed" --keep-checkpoints
 
+  [[ $STAGES == 4 ]] || continue
   stage "training seed $seed: 4/4 GRPO and DPO from the warm-up (python grpo_vla.py twin, python dpo_vla.py twin)"
   $TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "grpo-$seed" \
     --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
   $TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "dpo-$seed" \
     --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
 done
-for name in warm-up:warmup SFT:sft PPO:ppo GRPO:grpo DPO:dpo; do  # a label repeated = its training runs
+for name in $METHODS; do  # a label repeated = its training runs
   for seed in $TRAIN_SEEDS; do checkpoints+=(--checkpoint "${name%%:*}=$RUNS/${name#*:}-$seed"); done
 done
 

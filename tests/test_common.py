@@ -751,7 +751,7 @@ def test_global_helpers_on_one_process() -> None:
 def test_kl_from_base_estimates_the_joint_kl_of_the_seven_tokens(agent) -> None:
     # Its per-observation estimate (per-token KLs on a base-drawn prefix) must agree with the plain
     # Monte Carlo one, mean over base-drawn sequences of log pi_base(a) - log pi(a); and the base
-    # itself (adapters off) is at exactly 0.
+    # itself (adapters off) is at 0 up to rounding (the cached decode's logits against one full forward).
     images = np.random.default_rng(0).integers(0, 256, (1, agent.image_size, agent.image_size, 3), np.uint8)
     images, instructions = np.repeat(images, 600, 0), ["put red cube on plate"] * 600
     torch.manual_seed(0)
@@ -768,4 +768,4 @@ def test_kl_from_base_estimates_the_joint_kl_of_the_seven_tokens(agent) -> None:
     assert abs(float(estimate.double().mean() - plain.mean())) < 4 * standard_error + 1e-3
     assert float(estimate.std()) < float(plain.std()), "the per-token sum is the lower-variance estimate"
     with agent.policy.disable_adapter():
-        assert float(agent.kl_from_base(images[:4], instructions[:4]).abs().max()) == 0.0
+        assert float(agent.kl_from_base(images[:4], instructions[:4]).abs().max()) < 1e-5
