@@ -4,7 +4,7 @@
 #   1. LoRA SFT warm-up on a few `ind` demos, then PPO from it (--epochs 1 --temperature 1.0)
 #   2. the SFT baseline: LoRA SFT on many `ind` demos, from the base (the paper's SFT-16k)
 #   3. (`make study` only: GRPO and DPO from the same warm-up; the demo's 30 minutes leave no room)
-#   4. every checkpoint on all 16 splits, the same episode ids for each: table with each minus SFT
+#   4. the warm-up, SFT and PPO (GRPO, DPO) on all 16 splits, the same episode ids for each: table with each minus SFT
 #      paired over episodes (95% bootstrap intervals), KL from the base, chart, JSON, CSV
 #   5. SFT's and PPO's snapshots along training on all splits: OOD success against `ind` success
 #      (scripts/matched_ind.py), i.e. compared at matched in-distribution success
@@ -35,7 +35,7 @@ start=$SECONDS
 # The CPU's two cores, also on a GPU host (the tiny model gains nothing there, and 2 ranks on one
 # GPU would be refused by NCCL).
 common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
-checkpoints=(--checkpoint base --model-path "$BASE")
+checkpoints=()  # the base is on every split in the README's calibration table, and SFT@0 of the matched figure
 
 for seed in $TRAIN_SEEDS; do
   stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
@@ -62,7 +62,7 @@ done
 stage "every checkpoint on all 16 splits (ind + 15 OOD): eval seeds $EVAL_SEEDS x $EPISODES episodes, same ids for each"
 # shellcheck disable=SC2086
 $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEEDS --episodes "$EPISODES" \
-  --num-envs 32 "${checkpoints[@]}" --reference SFT --kl --output-dir "$OUT/results" \
+  --num-envs 32 --model-path "$BASE" "${checkpoints[@]}" --reference SFT --kl --output-dir "$OUT/results" \
   --exclude-from-averages noise_strong multi_receptacle  # out of calibration range: docs/STUDY_PROTOCOL.md
 
 stage "SFT and PPO along training (seed 0's snapshots) on all 16 splits: $MATCHED_EPISODES episodes each"

@@ -29,6 +29,9 @@ from envs import make_vec_env
 
 PRETRAINED = REPO / "assets" / "tiny-openvla-twin"
 pytestmark = pytest.mark.slow
+# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): the tests that start from
+# the warm-up share one worker, so the warm-up trains once.
+from_the_warmup = pytest.mark.xdist_group("warmup")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,7 @@ def warmup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], 
     return sft_warmup.main(args), out / "warmup" / "checkpoint"
 
 
+@from_the_warmup
 def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(warmup, base_success: float) -> None:
     # 15 points over the base: clearly better. (A 90% floor, kept until the current model, sat at
     # the noise edge: the first-cycle model's warm-up scored 90.6% at 100 steps, 91.4% at 200, the
@@ -57,6 +61,7 @@ def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(warmup, base_su
     assert final["eval/success"] >= base_success + 0.15, (base_success, final)
 
 
+@from_the_warmup
 def test_ppo_from_the_warmup_learns_under_torchrun(tmp_path: Path, warmup) -> None:
     # The paper's chain: PPO (--epochs 1 --temperature 1.0, GAE over the whole 30-step episode)
     # from the SFT warm-up, 8 iterations of 2 x 64 envs at the demo's recipe, in the study's shifted
@@ -129,6 +134,7 @@ def test_grpo_learns_the_new_task_from_the_pretrained_base_under_torchrun(tmp_pa
     assert max(degenerate) < 1.0, "every iteration had groups whose returns differ"
 
 
+@from_the_warmup
 def test_iterative_dpo_learns_from_the_warmup_under_torchrun(tmp_path: Path, warmup) -> None:
     # 2 rounds: collect 256 states x 4 rollouts with the current policy, pair successes with
     # failures of the same state, one DPO epoch against that round's reference; round 2
