@@ -33,7 +33,7 @@ test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # The study at toy scale on the 2D twin, from the shipped pretrained tiny VLA: SFT warm-up ->
-# PPO, an SFT baseline on many demos, GRPO and DPO, then all 16 splits (scripts/demo.sh).
+# PPO, an SFT baseline on many demos, then all 16 splits (scripts/demo.sh; GRPO and DPO: make study).
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
 

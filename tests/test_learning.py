@@ -42,7 +42,7 @@ def base_success() -> float:
     return evaluate_policy(agent.as_policy(0.6), envs, evaluation_episode_ids(1, "ind", 128)).success_rate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a worker's other modules in between must not tear it down
 def warmup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
     """`python sft_warmup.py twin-warmup`, the demo's warm-up, in this process: (final metrics,
     checkpoint directory)."""
