@@ -256,6 +256,46 @@ def test_an_excluded_split_is_shown_but_left_out_of_its_dimension_average(tmp_pa
     assert result.returncode == 2  # the command line checks it before torch, as a one-line usage error
     assert_one_line_error(result, "--exclude-from-averages 'ind' is not an OOD split")
 
+def test_the_kl_table_marks_excluded_splits_and_kl_every_measures_every_nth_step(tmp_path: Path) -> None:
+    # The KL table leaves noise_strong out of the vision average and marks it, as the success table does.
+    def measured(kl: float) -> list[EpisodeOutcomes]:
+        run = outcomes([True, False])
+        run.kl_from_base = np.full(2, kl)
+        return [run]
+    results = {"PPO": {"ind": measured(1.0), "unseen_table": measured(2.0), "noise_strong": measured(6.0)}}
+    summary = evaluate_ood.summarise(results, excluded=("noise_strong",))
+    assert summary["PPO"]["avg:vision"]["kl_from_base"] == pytest.approx(2.0)
+    args = Args(checkpoint=["PPO"], kl=True, kl_every=5, exclude_from_averages=("noise_strong",))
+    table = evaluate_ood.format_kl_table(summary, ["ind", "unseen_table", "noise_strong"], args)
+    assert "noise_strong *" in table and "unseen_table *" not in table and "every 5th step" in table
+    assert "left out of its dimension's average" in table
+
+    # --kl-every 3 over a 7-step episode: the KL of steps 0, 3 and 6 only, the actions of every step.
+    class Agent:  # kl_from_base gives the step's index, act counts its calls
+        def __init__(self) -> None:
+            self.calls, self.acts = 0, 0
+        def kl_from_base(self, images, instructions) -> torch.Tensor:
+            self.calls += 1
+            return torch.full((len(images),), float(self.acts))
+        def act(self, images, instructions, temperature):
+            self.acts += 1
+        device = torch.device("cpu")
+    agent = Agent()
+    recording = evaluate_ood.RecordingKL(agent, 0.6, every=3)
+    for _ in range(7):
+        recording({"image": np.zeros((2, 1)), "instruction": ["a", "b"]})
+    assert agent.acts == 7 and agent.calls == 3
+    assert recording.episode_means(2).tolist() == [3.0, 3.0]  # mean of 0, 3, 6
+    recording({"image": np.zeros((2, 1)), "instruction": ["a", "b"]})  # a new episode: step 0 again
+    assert agent.calls == 4
+
+    with pytest.raises(ValueError, match="--kl-every 5 needs --kl"):
+        evaluate_ood.check_args(Args(checkpoint=["base"], kl_every=5, output_dir=str(tmp_path / "o")))
+    result = run_cli("evaluate_ood.py", "--checkpoint", "base", "--env", "twin", "--kl-every", "0", "--kl",
+                     "--output-dir", str(tmp_path / "cli"), without_torch=True)
+    assert_one_line_error(result, "--kl-every must be")
+
+
 def test_training_runs_of_a_method_pool_their_rates_and_pair_run_by_run(tmp_path: Path) -> None:
     # NAME repeated: 3 training runs of PPO and of SFT, one evaluation seed of 10 episodes each.
     # PPO's runs succeed on 6 / 8 / 10 episodes, SFT's on 5 / 5 / 5: PPO 80 +- 20 (sample std over
