@@ -37,8 +37,8 @@ start=$SECONDS
 # GPU would be refused by NCCL).
 common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
 checkpoints=()  # the base is on every split in the README's calibration table, and SFT@0 of the matched figure
-# The warm-up's and the SFT baseline's own `ind` evaluations are left out (--eval-every 0): the
-# evaluation below measures them on every split.
+# The scripts' own `ind` evaluations are left out (--eval-every 0): the evaluations below measure
+# every checkpoint on every split (PPO's progress bar shows its rollouts' success).
 
 for seed in $TRAIN_SEEDS; do
   stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
@@ -46,7 +46,7 @@ for seed in $TRAIN_SEEDS; do
 
   stage "training seed $seed: 2/$STAGES PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
   $TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "ppo-$seed" \
-    --epochs 1 --temperature 1.0 --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints
+    --epochs 1 --temperature 1.0 --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints --eval-every 0
 
   stage "training seed $seed: 3/$STAGES SFT baseline, LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
   $TORCHRUN sft_warmup.py twin-sft "${common[@]}" --seed "$seed" --exp-name "sft-$seed" --keep-checkpoints \
@@ -70,15 +70,21 @@ $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEE
   --exclude-from-averages noise_strong multi_receptacle  # out of calibration range: docs/STUDY_PROTOCOL.md
 
 stage "SFT and PPO along training (seed 0's snapshots) on all 16 splits: $MATCHED_EPISODES episodes each"
+# `make demo`: the final snapshots are the checkpoints evaluated above (on more episodes), so they
+# join the lines from there (--also); `make study` evaluates them here (above: 3 runs pooled).
 snapshots=(--checkpoint SFT@0=base --checkpoint "PPO@0=$RUNS/warmup-0")
-for path in "$RUNS"/sft-0/snapshots/step_* "$RUNS"/ppo-0/snapshots/iteration_*; do
-  method=$([[ $path == */sft-0/* ]] && echo SFT || echo PPO)
-  snapshots+=(--checkpoint "$method@${path##*_}=$path")
+finals=()
+for method in SFT:sft PPO:ppo; do
+  mapfile -t paths < <(ls -dv "$RUNS/${method#*:}-0"/snapshots/*)  # -v: step_250 before step_1000
+  [[ $STAGES == 4 ]] || { last=${paths[-1]}; finals+=("${method%%:*}=${last##*_}"); unset 'paths[-1]'; }
+  for path in "${paths[@]}"; do snapshots+=(--checkpoint "${method%%:*}@${path##*_}=$path"); done
 done
+also=()
+[[ ${#finals[@]} == 0 ]] || also=(--also "$OUT/results/results.json" --steps "${finals[@]}")
 $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds 0 --episodes "$MATCHED_EPISODES" \
   --num-envs 32 --model-path "$BASE" "${snapshots[@]}" --no-paper-columns --output-dir "$OUT/matched" \
   --exclude-from-averages noise_strong multi_receptacle > /dev/null
-$PY scripts/matched_ind.py "$OUT/matched/results.json" --out "$OUT/matched/matched_ind.png"
+$PY scripts/matched_ind.py "$OUT/matched/results.json" "${also[@]}" --out "$OUT/matched/matched_ind.png"
 
 stage "done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 cat <<EOF

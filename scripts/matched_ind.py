@@ -9,7 +9,12 @@ iteration of a snapshot (sft_warmup.py / ppo_vla.py --keep-checkpoints keep RUN/
     python scripts/matched_ind.py results/matched/results.json --out docs/matched_ind.png
 
 At the same `ind` success, a method whose line lies higher kept or gained more out of distribution.
-A label without @N (the base, the warm-up) is drawn as a point on every panel.
+A label without @N (the base, the warm-up) is drawn as a point on every panel. `--also FILE
+--steps SFT=1000 PPO=16` adds the final checkpoints from another evaluation (`make demo`: its main
+one, on more episodes), as the given steps of their methods' lines:
+
+    python scripts/matched_ind.py demo/matched/results.json --also demo/results/results.json \
+        --steps SFT=1000 PPO=16 --out demo/matched/matched_ind.png
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class Args:
     """results.json written by evaluate_ood.py (checkpoints labelled METHOD@STEP)"""
     out: str = "matched_ind.png"
     """the PNG to write"""
+    also: str | None = None
+    """a second results.json whose checkpoints named in --steps join the lines (e.g. the final ones,
+    evaluated on more episodes)"""
+    steps: tuple[str, ...] = ()
+    """LABEL=N for each checkpoint of --also to add: its method LABEL at step N"""
 
 
 def series(summary: dict[str, dict[str, dict]]) -> dict[str, list[tuple[int | None, float, dict[str, float]]]]:
@@ -79,18 +89,39 @@ def plot(lines: dict[str, list[tuple[int | None, float, dict[str, float]]]], pat
     plt.close(fig)
 
 
-def main(args: Args) -> None:
-    path = Path(args.results)
+def read_results(path: Path) -> dict:
     if not path.is_file():
         sys.exit(f"error: no {path} (evaluate_ood.py writes OUTPUT_DIR/results.json)")
-    document = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def renamed(summary: dict[str, dict], steps: tuple[str, ...]) -> dict[str, dict]:
+    """The checkpoints named by LABEL=N, relabelled LABEL@N (the others left out)."""
+    chosen = {}
+    for spec in steps:
+        label, _, step = spec.partition("=")
+        if not step.isdigit() or label not in summary:
+            raise ValueError(f"--steps {spec}: expected LABEL=N with LABEL one of {', '.join(summary)}")
+        chosen[f"{label}@{step}"] = summary[label]
+    return chosen
+
+
+def main(args: Args) -> None:
+    if bool(args.also) != bool(args.steps):
+        sys.exit("error: --also FILE and --steps LABEL=N go together")
+    document = read_results(Path(args.results))
+    run = document["args"]
+    title = f"{run['env']}, {len(run['seeds'])} seed(s) x {run['episodes']} episodes per split"
+    summary = dict(document["summary"])
     try:
-        lines = series(document["summary"])
+        if args.also:
+            other = read_results(Path(args.also))
+            summary.update(renamed(other["summary"], args.steps))
+            title += (f" ({', '.join(args.steps)}: {len(other['args']['seeds'])} x {other['args']['episodes']})")
+        lines = series(summary)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    run = document["args"]
-    plot(lines, Path(args.out), f"{run['env']}, {len(run['seeds'])} seed(s) x {run['episodes']} episodes per split, "
-                                f"temperature {run['temperature']}; numbers: training step / iteration")
+    plot(lines, Path(args.out), f"{title}, temperature {run['temperature']}; numbers: training step / iteration")
     for method, points in lines.items():
         for step, ind, averages in points:
             cells = "  ".join(f"{d} {v:5.1f}" for d, v in averages.items())

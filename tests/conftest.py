@@ -40,6 +40,13 @@ def one_cpu_thread():
     yield
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_learning.py's runs (the longest tests, minutes each) first, in their order, every other
+    module in its own: under two pytest workers (`make test`) a long test handed out last keeps one
+    core busy alone at the end. (A module moved whole: its module-scoped fixtures are built once.)"""
+    items.sort(key=lambda item: item.path.name != "test_learning.py")
+
+
 # ---------------------------------------------------------------------------- agents
 
 

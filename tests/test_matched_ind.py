@@ -44,6 +44,20 @@ def test_each_method_is_a_line_through_its_snapshots_in_training_order(tmp_path:
     assert (tmp_path / "m.png").stat().st_size > 10_000
     assert "SFT    400  ind 100.0  vision  25.0  execution   0.0" in done.stdout
 
+    # --also: the final checkpoints of another evaluation join their methods' lines at the given steps.
+    final = {"summary": evaluate_ood.summarise({"SFT": results["SFT@200"], "PPO": results["PPO@3"]}),
+             "args": {"env": "twin", "seeds": [0, 1], "episodes": 8, "temperature": 0.6}}
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    joined = subprocess.run([sys.executable, "scripts/matched_ind.py", str(tmp_path / "results.json"), "--also",
+                             str(tmp_path / "final.json"), "--steps", "SFT=600", "--out", str(tmp_path / "j.png")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert joined.returncode == 0, joined.stderr
+    assert "SFT    600  ind  50.0" in joined.stdout and "PPO      3" in joined.stdout
+    assert joined.stdout.count("PPO") == 1, "only the checkpoints named in --steps join"
+    wrong = subprocess.run([sys.executable, "scripts/matched_ind.py", str(tmp_path / "results.json"), "--also",
+                            str(tmp_path / "final.json"), "--steps", "DPO=5"], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "error: --steps DPO=5: expected LABEL=N" in wrong.stderr
+
     with pytest.raises(ValueError, match="METHOD@N"):
         matched_ind.series({"SFT@last": summary["base"]})
     missing = subprocess.run([sys.executable, "scripts/matched_ind.py", str(tmp_path / "none.json")], cwd=REPO,
