@@ -69,7 +69,7 @@ splits: setup
 	$(PY) scripts/contact_sheet.py --env maniskill --split all --episodes 2 --out results/maniskill_splits.png
 
 clean:
-	rm -rf runs results demos demo
+	rm -rf runs results demos demo study
 
 # `make -s print-VK_ICD_FILENAMES`: a variable's value as the targets see it.
 print-%:

@@ -7,7 +7,9 @@ times decoding the 7 action tokens with the KV cache (one prefill + 6 one-token 
 does) against recomputing the whole prefix for every token, on the same prompts in the same run.
 Then act() at batch 64 with the preallocated StaticCache and no per-step sync (today's) against
 the DynamicCache loop it replaced (kept below as the reference), after checking that both give
-the same tokens and log-probs from the same seed, for left- and right-padded prompts.
+the same tokens and log-probs from the same seed, for left- and right-padded prompts. Last,
+act() at batch 32 with the LoRA adapters folded into the weights (evaluate_ood.py's evaluation)
+against apart (training's), on trained-looking adapters, after checking they sample the same.
 Not a test: numbers depend on the machine.
 """
 
@@ -222,6 +224,32 @@ def main() -> None:
     print(f"RESULT act() batch 64, StaticCache + one sync vs DynamicCache + sync per token: "
           f"{new * 1e3:.1f} vs {old * 1e3:.1f} CPU-ms per call ({old / new:.2f}x); same tokens, "
           f"log-probs within {difference:.1e} (left- and right-padded prompts, T = 1 and 0)")
+
+    # Adapters folded into the weights (evaluate_ood.py) against apart: the same samples, then time.
+    merged_speedup, largest = merged_act_speedup(agent, 32, args.seconds)
+    print(f"RESULT act() batch 32, LoRA merged into the weights vs apart: {merged_speedup:.2f}x faster; "
+          f"same tokens, log-probs within {largest:.1e}")
+
+
+def merged_act_speedup(agent: ActorCritic, batch_size: int, min_seconds: float) -> tuple[float, float]:
+    """(apart / merged seconds per act(), largest log-prob difference) on adapters moved off B = 0."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in agent.lora_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    images, instructions = observations(batch_size, agent.image_size)
+    samples = []
+    for merge in (False, True):
+        if merge:
+            agent.policy.merge_adapter()
+        torch.manual_seed(1)
+        samples.append(agent.act(images, instructions, 0.6))
+        samples.append(timed_calls(lambda: agent.act(images, instructions, 0.6), min_seconds)[1])
+    agent.policy.unmerge_adapter()
+    (apart, apart_seconds), (merged, merged_seconds) = samples[:2], samples[2:]
+    if not torch.equal(apart.tokens, merged.tokens):
+        raise SystemExit("merged adapters sampled other tokens than adapters apart")
+    return apart_seconds / merged_seconds, float((apart.logprob - merged.logprob).abs().max())
 
 
 if __name__ == "__main__":

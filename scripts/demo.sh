@@ -11,15 +11,19 @@
 #      success against `ind` success (scripts/matched_ind.py), i.e. at matched in-distribution success
 # Every stage runs on 2 processes (torchrun, one torch thread each): the two cores of this machine.
 #
-#   DEMO_DIR=/tmp/demo bash scripts/demo.sh   # where everything goes (default: demo/)
+#   DEMO_DIR=/tmp/demo bash scripts/demo.sh   # where everything goes (default: demo/, study/)
 #   STUDY=1 bash scripts/demo.sh              # `make study`: 3 training seeds of every stage (each
 #                                             # its own --seed), intervals over seeds, then episodes
+# Run again, it goes on where it stopped: a finished stage is kept (its `done` file), a killed
+# training run continues from its last checkpoint (--resume), an evaluation is re-run only when a
+# training run changed. `make study` takes hours, more than one sitting. To start over: rm -rf demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 TORCHRUN="$(dirname "$PY")/torchrun --standalone --nproc_per_node 2"
 OUT=${DEMO_DIR:-demo}
+[[ "${STUDY:-0}" == 1 ]] && OUT=${DEMO_DIR:-study}  # its own folder: its evaluations are not the demo's
 RUNS=$OUT/runs
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 BASE=assets/tiny-openvla-twin
@@ -32,42 +36,61 @@ else
 fi
 
 stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# train NAME SCRIPT FLAGS...: one training run under $RUNS/NAME, kept once finished, else continued.
+train() {
+  local name=$1 resume=()
+  shift
+  if [[ -e "$RUNS/$name/done" ]]; then echo "$RUNS/$name finished in an earlier run: kept"; return; fi
+  [[ -d "$RUNS/$name/checkpoint" ]] && resume=(--resume) && echo "$RUNS/$name was stopped: continued"
+  rm -f "$OUT/results/done" "$OUT/matched/done"  # the evaluations no longer show every run as it is
+  $TORCHRUN "$@" --output-dir "$RUNS" --exp-name "$name" "${resume[@]}"
+  touch "$RUNS/$name/done"
+}
+# evaluated DIR [TABLE]: true if DIR's evaluation is up to date with the runs (TABLE: shown again).
+evaluated() {
+  [[ -e "$1/done" ]] || return 1
+  echo "$1: evaluated in an earlier run, no training run changed since: kept"
+  [[ -z "${2:-}" ]] || cat "$2"
+}
 start=$SECONDS
 # The CPU's two cores, also on a GPU host (the tiny model gains nothing there, and 2 ranks on one
 # GPU would be refused by NCCL).
-common=(--output-dir "$RUNS" --demo-dir "$OUT/demos" --device cpu)
+common=(--demo-dir "$OUT/demos" --device cpu)
 checkpoints=()  # the base is on every split in the README's calibration table, and SFT@0 of the matched figure
 # The scripts' own `ind` evaluations are left out (--eval-every 0): the evaluations below measure
 # every checkpoint on every split (PPO's progress bar shows its rollouts' success).
 
 for seed in $TRAIN_SEEDS; do
   stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
-  $TORCHRUN sft_warmup.py twin-warmup "${common[@]}" --seed "$seed" --exp-name "warmup-$seed" --eval-every 0
+  train "warmup-$seed" sft_warmup.py twin-warmup "${common[@]}" --seed "$seed" --eval-every 0
 
   stage "training seed $seed: 2/$STAGES PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"
-  $TORCHRUN ppo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "ppo-$seed" \
-    --epochs 1 --temperature 1.0 --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints --eval-every 0
+  train "ppo-$seed" ppo_vla.py twin --device cpu --seed "$seed" --epochs 1 --temperature 1.0 \
+    --init-checkpoint "$RUNS/warmup-$seed/checkpoint" --keep-checkpoints --eval-every 0
 
   stage "training seed $seed: 3/$STAGES SFT baseline, LoRA, 1000 steps on 1024 ind demos, from the base (python sft_warmup.py twin-sft)"
-  $TORCHRUN sft_warmup.py twin-sft "${common[@]}" --seed "$seed" --exp-name "sft-$seed" --keep-checkpoints \
-    --eval-every 0
+  train "sft-$seed" sft_warmup.py twin-sft "${common[@]}" --seed "$seed" --keep-checkpoints --eval-every 0
 
   [[ $STAGES == 4 ]] || continue
   stage "training seed $seed: 4/4 GRPO and DPO from the warm-up (python grpo_vla.py twin, python dpo_vla.py twin)"
-  $TORCHRUN grpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "grpo-$seed" \
-    --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
-  $TORCHRUN dpo_vla.py twin --output-dir "$RUNS" --device cpu --seed "$seed" --exp-name "dpo-$seed" \
-    --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
+  train "grpo-$seed" grpo_vla.py twin --device cpu --seed "$seed" --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
+  train "dpo-$seed" dpo_vla.py twin --device cpu --seed "$seed" --init-checkpoint "$RUNS/warmup-$seed/checkpoint"
 done
 for name in $METHODS; do  # a label repeated = its training runs
   for seed in $TRAIN_SEEDS; do checkpoints+=(--checkpoint "${name%%:*}=$RUNS/${name#*:}-$seed"); done
 done
 
 stage "every checkpoint on all 16 splits (ind + 15 OOD): eval seeds $EVAL_SEEDS x $EPISODES episodes, same ids for each"
-# shellcheck disable=SC2086
-$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEEDS --episodes "$EPISODES" \
-  --num-envs 32 --model-path "$BASE" "${checkpoints[@]}" --reference SFT --kl --kl-every 5 --output-dir "$OUT/results" \
-  --exclude-from-averages noise_strong multi_receptacle  # out of calibration range: docs/STUDY_PROTOCOL.md
+if ! evaluated "$OUT/results" "$OUT/results/table.txt"; then
+  mkdir -p "$OUT/results"
+  rm -f "$OUT/matched/done"  # it takes the final checkpoints' points from here
+  # shellcheck disable=SC2086
+  $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEEDS --episodes "$EPISODES" \
+    --num-envs 32 --model-path "$BASE" "${checkpoints[@]}" --reference SFT --kl --kl-every 5 \
+    --output-dir "$OUT/results" --exclude-from-averages noise_strong multi_receptacle \
+    | tee "$OUT/results/table.txt"  # excluded: out of calibration range, docs/STUDY_PROTOCOL.md
+  touch "$OUT/results/done"
+fi
 
 stage "SFT and PPO along training (seed 0's snapshots) on all 16 splits: $MATCHED_EPISODES episodes each"
 # `make demo`: the final snapshots are the checkpoints evaluated above (on more episodes), so they
@@ -81,10 +104,14 @@ for method in SFT:sft PPO:ppo; do
 done
 also=()
 [[ ${#finals[@]} == 0 ]] || also=(--also "$OUT/results/results.json" --steps "${finals[@]}")
-$TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds 0 --episodes "$MATCHED_EPISODES" \
-  --num-envs 32 --model-path "$BASE" "${snapshots[@]}" --no-paper-columns --output-dir "$OUT/matched" \
-  --exclude-from-averages noise_strong multi_receptacle > /dev/null
-$PY scripts/matched_ind.py "$OUT/matched/results.json" "${also[@]}" --out "$OUT/matched/matched_ind.png"
+if ! evaluated "$OUT/matched"; then
+  mkdir -p "$OUT/matched"
+  $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds 0 --episodes "$MATCHED_EPISODES" \
+    --num-envs 32 --model-path "$BASE" "${snapshots[@]}" --no-paper-columns --output-dir "$OUT/matched" \
+    --exclude-from-averages noise_strong multi_receptacle > "$OUT/matched/table.txt"
+  $PY scripts/matched_ind.py "$OUT/matched/results.json" "${also[@]}" --out "$OUT/matched/matched_ind.png"
+  touch "$OUT/matched/done"
+fi
 
 stage "done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 cat <<EOF
