@@ -30,7 +30,7 @@ lint: setup
 # process on two busy cores made the tiny model 10-60x slower (measured). Two pytest workers
 # (pytest-xdist): half the suite's time is single-process tests that leave the other core idle.
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
 
 # The study at toy scale on the 2D twin, from the shipped pretrained tiny VLA: SFT warm-up ->
 # PPO, an SFT baseline on many demos, then all 16 splits (scripts/demo.sh; GRPO and DPO: make study).
