@@ -268,14 +268,6 @@ class RecordingKL:
         return means
 
 
-def merge_adapters(agent: Any) -> None:
-    """Fold the LoRA adapters into the weights they adapt (W + scale B A, peft's merge_adapter):
-    the same policy up to float rounding, acting ~30% faster (the tiny VLA on a CPU core, batch 32:
-    155 ms against 219, measured 2026-12-04). Evaluation only, and after the KL: training needs the
-    adapters apart, and kl_from_base switches them off."""
-    agent.policy.merge_adapter()
-
-
 def evaluate_on_splits(agent: Any, label: str, splits: list[str], args: Args, image_size: int,
                        progress: tqdm, render_device: str | None = None) -> dict[str, list[EpisodeOutcomes]]:
     """split -> one EpisodeOutcomes per seed, the same on every rank.
@@ -313,7 +305,10 @@ def evaluate_on_splits(agent: Any, label: str, splits: list[str], args: Args, im
             # dearer (measured; 32 episodes gave a split's mean KL to about +-30%, 95%).
             kl = measures_kl(seed)
             if not kl and not merged:
-                merge_adapters(agent)
+                # The LoRA adapters folded into the weights they adapt (W + scale B A): the same
+                # policy up to float rounding, acting 1.39x faster (benchmarks/bench_sampling.py).
+                # After the KL's episodes: kl_from_base switches the adapters off.
+                agent.policy.merge_adapter()
                 merged = True
             mine[split, seed, b] = evaluate_policy(recording if kl else plain, envs, ids, videos)
             if kl:

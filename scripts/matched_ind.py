@@ -117,7 +117,7 @@ def main(args: Args) -> None:
         if args.also:
             other = read_results(Path(args.also))
             summary.update(renamed(other["summary"], args.steps))
-            title += (f" ({', '.join(args.steps)}: {len(other['args']['seeds'])} x {other['args']['episodes']})")
+            title += f" ({', '.join(args.steps)}: {len(other['args']['seeds'])} x {other['args']['episodes']})"
         lines = series(summary)
     except ValueError as error:
         sys.exit(f"error: {error}")

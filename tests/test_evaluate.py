@@ -256,6 +256,7 @@ def test_an_excluded_split_is_shown_but_left_out_of_its_dimension_average(tmp_pa
     assert result.returncode == 2  # the command line checks it before torch, as a one-line usage error
     assert_one_line_error(result, "--exclude-from-averages 'ind' is not an OOD split")
 
+
 def test_the_kl_table_marks_excluded_splits_and_kl_every_measures_every_nth_step(tmp_path: Path) -> None:
     # The KL table leaves noise_strong out of the vision average and marks it, as the success table does.
     def measured(kl: float) -> list[EpisodeOutcomes]:
