@@ -239,6 +239,10 @@ def resident_memory_gb() -> float:
 
 def memory_in_use_gb(device: torch.device) -> float:
     if device.type == "cuda":
+        # A fresh worker has no CUDA context yet, and the memory-stats calls then fail with
+        # "Invalid device argument" (seen on an H200, 2026-12-04): make the context first.
+        torch.cuda.init()
+        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**30
     return resident_memory_gb()

@@ -14,6 +14,7 @@ In about a minute (plus the model's load) each rank checks, in the order a PPO r
      on --minibatch-size of them, with the step's time and the peak memory; and how far the
      update's log-probs of the sampled actions are from the rollout's (they should agree to
      ~1e-5 in fp32; in bf16 the gap shows as PPO clip fractions before any update).
+  5. on a GPU: the host syncs of the 7-token decode: by design none in its one-token steps.
 Every check prints one line; the first failure ends the run with its reason (exit status 1).
 """
 
@@ -61,12 +62,16 @@ if __name__ == "__main__":
     ARGS = parse_cli(Args, check_args)  # before the heavy imports: --help answers at once
 
 import time  # noqa: E402
+import warnings  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import common  # noqa: E402
 from common import (  # noqa: E402
+    ActorCritic,
     all_reduce_gradients,
     build_agent,
     global_mean,
@@ -76,6 +81,7 @@ from common import (  # noqa: E402
     world_info,
 )
 from envs import make_vec_env  # noqa: E402
+from model import run_language_model  # noqa: E402
 
 
 def report(what: str, result: str) -> None:
@@ -143,7 +149,43 @@ def check_model(args: Args, device: torch.device, obs: dict) -> list[tuple[str, 
                             f"peak memory {peak_memory_gb(device):.1f} GB"))
     lines.append(("log-probs", f"update vs rollout: max |difference| {gap:.2e}, clip fraction "
                                f"{((ratio.detach() - 1).abs() > 0.2).float().mean().item():.2f} before any update (fp32: ~1e-5 and 0)"))
+    if device.type == "cuda":
+        lines.append(("decode syncs", count_decode_syncs(agent, images, instructions)))
     return lines
+
+
+def count_decode_syncs(agent: ActorCritic, images: np.ndarray, instructions: list[str]) -> str:
+    """The host syncs of act()'s decode (each one stalls the GPU's queue), counted by torch's sync
+    debug mode and split by where they happen: the prompt's prefill (the KV cache's allocation,
+    transformers' mask code), the 6 one-token steps (by design none), and the rest of the loop
+    (by design one: the finiteness check after it)."""
+    calls: list[tuple[int, int]] = []  # syncs seen at each Llama call's start and end
+
+    def counted_language_model(*args, **kwargs):
+        start = len(caught)
+        hidden = run_language_model(*args, **kwargs)
+        calls.append((start, len(caught)))
+        return hidden
+
+    agent.eval()
+    with torch.no_grad():
+        inputs = agent.prepare_inputs(images, instructions)
+        embeds = agent.vla.embed_inputs(inputs.pixel_values, inputs.input_ids)
+        with warnings.catch_warnings(record=True) as caught, \
+                mock.patch.object(common, "run_language_model", counted_language_model):
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                agent.sample_action_tokens(embeds, inputs.attention_mask, temperature=1.0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    in_calls = [end - start for start, end in calls]
+    prefill, steps, rest = in_calls[0], in_calls[1:], len(caught) - sum(in_calls)
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught})
+    verdict = "ok" if sum(steps) == 0 else "the one-token steps wait for the GPU"
+    return (f"{verdict}: host syncs in the prefill {prefill}, in the {len(steps)} one-token steps "
+            f"{sum(steps)} (design: 0), elsewhere in the loop {rest} (the check after it is one); at "
+            f"{', '.join(where) or 'none'}")
 
 
 def main(args: Args) -> None:

@@ -5,15 +5,18 @@ and `nvidia-smi` is a fake script first on PATH."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SIZE
+from conftest import LONG, REPO, SHORT, SIZE, observations, tiny_agent
 
 import maniskill_env as M
 
@@ -294,3 +297,32 @@ def test_make_exports_lavapipe_only_without_a_working_nvidia_gpu(tmp_path, nvidi
     assert run(command, path, VK_ICD_FILENAMES="/mine.json") == "set [/mine.json]"
     assert run([make, "-s", "VK_ICD_FILENAMES=/mine.json", "-f", "Makefile", "-f", str(show), "show-icd"],
                path) == "set [/mine.json]"
+
+
+def load_check_setup(monkeypatch: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location("check_setup", REPO / "scripts" / "check_setup.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check_setup", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("where", ["none", "prefill", "steps"])
+def test_the_decode_sync_count_tells_the_prefill_from_the_one_token_steps(monkeypatch, where: str):
+    # On a GPU torch's sync debug mode warns at each sync; here a stand-in warns where asked.
+    check_setup = load_check_setup(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    language_model = check_setup.run_language_model
+
+    def syncing_language_model(vla, embeds, *args, **kwargs):
+        if (where == "prefill") == (embeds.shape[1] > 1) and where != "none":
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return language_model(vla, embeds, *args, **kwargs)
+
+    monkeypatch.setattr(check_setup, "run_language_model", syncing_language_model)
+    agent = tiny_agent()
+    line = check_setup.count_decode_syncs(agent, observations(3), [SHORT, LONG, LONG])
+    prefill, steps = {"none": (0, 0), "prefill": (1, 0), "steps": (0, 6)}[where]
+    assert f"in the prefill {prefill}, in the 6 one-token steps {steps} (design: 0)" in line
+    assert line.startswith("ok") == (steps == 0)
+    assert "elsewhere in the loop 0" in line  # on the CPU the finiteness check syncs nothing
