@@ -4,7 +4,10 @@ loads through the official-layout loader like OpenVLA-7B, acts, and is what its 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,3 +200,36 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
 
 def make_twin_envs():
     return make_vec_env("pretrain", 8, 32, env="twin")
+
+
+def test_the_breakdown_names_the_phase_a_failed_episode_got_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    # scripts/pretrain_breakdown.py: the expert succeeds everywhere; a gripper that only closes
+    # where it starts never reaches a target placed away from it; a policy that carries
+    # whatever it grasps to nowhere fails after grasping; success agrees with evaluate_policy.
+    spec = importlib.util.spec_from_file_location("pretrain_breakdown", REPO / "scripts" / "pretrain_breakdown.py")
+    breakdown = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pretrain_breakdown", breakdown)  # dataclasses look their module up
+    spec.loader.exec_module(breakdown)
+    envs = make_vec_env("pretrain", 8, 32, seed=0, env="twin")
+    ids = calibration_episode_ids("pretrain", 12)  # 8 + a padded batch of 4
+
+    def expert(obs):
+        return SimpleNamespace(actions=envs.expert_action())
+
+    def grasp_then_stay(obs):  # the expert until it holds the target, then closed and still
+        actions = envs.expert_action()
+        actions[envs.held == 0] = [0, 0, 0, 0, 0, 0, -1]
+        return SimpleNamespace(actions=actions)
+
+    def close_in_place(obs):
+        return SimpleNamespace(actions=np.tile(np.float32([0, 0, 0, 0, 0, 0, -1]), (envs.num_envs, 1)))
+
+    assert breakdown.play(expert, envs, ids) == ["success"] * 12
+    assert set(breakdown.play(grasp_then_stay, envs, ids)) == {"grasped the target, not placed"}
+    assert set(breakdown.play(close_in_place, envs, ids)) <= {"never reached the target", "reached it, no grasp",
+                                                              "grasped the other object only"}
+    agent = build_agent(str(REPO / "assets" / "tiny-openvla-twin"), critic=None)
+    torch.manual_seed(0)
+    played = np.array(breakdown.play(agent.as_policy(0.6), envs, ids)) == "success"
+    torch.manual_seed(0)
+    assert np.array_equal(played, evaluate_policy(agent.as_policy(0.6), envs, ids).success)
