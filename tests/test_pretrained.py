@@ -17,6 +17,7 @@ from conftest import REPO
 from common import build_agent, calibration_episode_ids, evaluate_policy, evaluation_episode_ids
 from envs import make_vec_env
 from model import build_tiny_vla
+from twin_env import decode_episode
 
 PRETRAINED = REPO / "assets" / "tiny-openvla-twin"
 
@@ -233,3 +234,23 @@ def test_the_breakdown_names_the_phase_a_failed_episode_got_to(monkeypatch: pyte
     played = np.array(breakdown.play(agent.as_policy(0.6), envs, ids)) == "success"
     torch.manual_seed(0)
     assert np.array_equal(played, evaluate_policy(agent.as_policy(0.6), envs, ids).success)
+
+
+def test_the_binding_probe_pairs_each_frame_with_the_other_object_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # scripts/binding_probe.py: the twin of a frame names the other object and moves to it.
+    spec = importlib.util.spec_from_file_location("binding_probe", REPO / "scripts" / "binding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "binding_probe", probe)
+    spec.loader.exec_module(probe)
+    ids = probe.two_object_ids(10**6, 16)
+    frames = probe.grounding_frames(ids, 1)
+    assert len(frames["named"]) == len(frames["other_named"]) == len(frames["expert"]) > 0
+    for i, (named, other) in enumerate(zip(frames["named"], frames["other_named"], strict=True)):
+        first, second = decode_episode("pretrain", int(ids[i])).objects  # depth 1: frame i is scene i
+        assert first in named and second in other and named != other
+    # the expert from the other object's position, as in the env with the two objects swapped
+    envs = make_vec_env("pretrain", len(ids), 64, env="twin")
+    envs.reset(options={"episode_ids": ids})
+    envs.object_xy[:, [0, 1]] = envs.object_xy[:, [1, 0]]
+    np.testing.assert_array_equal(frames["other_expert"], envs.expert_action())
+    assert (frames["other_expert"][:, :2] != frames["expert"][:, :2]).any()
