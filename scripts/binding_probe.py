@@ -76,7 +76,7 @@ def two_object_ids(first: int, count: int) -> np.ndarray:
 def grounding_frames(ids: np.ndarray, depth: int) -> dict:
     """The first DEPTH expert steps before the grasp of each scene: images, instructions, the
     expert's actions, and the same with the other object named and the expert's move to it."""
-    frames: dict = {"images": [], "named": [], "expert": [], "other_named": [], "other_expert": []}
+    parts: dict[str, list] = {"images": [], "named": [], "expert": [], "other_named": [], "other_expert": []}
     for start in range(0, len(ids), 64):
         envs = make_vec_env("pretrain", len(ids[start:start + 64]), 64, env="twin")
         obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
@@ -85,18 +85,17 @@ def grounding_frames(ids: np.ndarray, depth: int) -> dict:
             envs.object_xy[:, [0, 1]] = positions[:, [1, 0]]  # the expert's plan for the other object
             other = envs.expert_action()
             envs.object_xy = positions
-            for i, ep in enumerate(envs.episodes):
-                if expert[i, 6] < 0 or envs.held[i] >= 0:  # the grasp, or past it
-                    continue
-                frames["images"].append(obs["image"][i])
-                frames["named"].append(ep.instruction)
-                frames["other_named"].append(ep.template.format(object=ep.objects[1], receptacle=ep.receptacles[0]))
-                frames["expert"].append(expert[i])
-                frames["other_expert"].append(other[i])
+            keep = np.flatnonzero((expert[:, 6] >= 0) & (envs.held < 0))  # not the grasp, nor past it
+            parts["images"].append(obs["image"][keep])
+            parts["expert"].append(expert[keep])
+            parts["other_expert"].append(other[keep])
+            parts["named"] += [envs.episodes[i].instruction for i in keep]
+            parts["other_named"] += [envs.episodes[i].template.format(object=envs.episodes[i].objects[1],
+                                                                       receptacle=envs.episodes[i].receptacles[0])
+                                     for i in keep]
             obs, *_ = envs.step(expert)
         envs.close()
-    return {k: np.stack(v) if k != "named" and k != "other_named" else v for k, v in frames.items()}
-
+    return {k: v if k.endswith("named") else np.concatenate(v) for k, v in parts.items()}
 
 def main(args: Args) -> None:
     preset = model.tiny_vla_config
