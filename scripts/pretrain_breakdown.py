@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules, from anywhere
 
-from cli import parse_cli  # noqa: E402
+from cli import parse_cli, require_non_negative, require_positive  # noqa: E402
 from common import build_agent, calibration_episode_ids  # noqa: E402
 from envs import make_vec_env  # noqa: E402
 from evaluate_ood import wilson_interval  # noqa: E402
@@ -41,6 +41,11 @@ class Args:
     """sampling temperature (the study's evaluation temperature)"""
     num_envs: int = 64
     """environments stepped together"""
+
+
+def check_args(args: Args) -> None:
+    require_positive(args, "episodes", "num_envs")
+    require_non_negative(args, "temperature")  # 0: greedy
 
 
 def factors(split: str, episode_id: int) -> dict[str, str]:
@@ -102,4 +107,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_cli(Args))
+    main(parse_cli(Args, check_args))

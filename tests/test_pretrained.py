@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_one_line_error, run_cli
 
 from common import build_agent, calibration_episode_ids, evaluate_policy, evaluation_episode_ids
 from envs import make_vec_env
@@ -254,3 +254,11 @@ def test_the_binding_probe_pairs_each_frame_with_the_other_object_named(monkeypa
     envs.object_xy[:, [0, 1]] = envs.object_xy[:, [1, 0]]
     np.testing.assert_array_equal(frames["other_expert"], envs.expert_action())
     assert (frames["other_expert"][:, :2] != frames["expert"][:, :2]).any()
+
+
+@pytest.mark.parametrize(("script", "flags", "named"), [
+    ("scripts/pretrain_breakdown.py", ("--episodes", "0"), "--episodes"),
+    ("scripts/binding_probe.py", ("--layers", "0"), "--layers"),
+])
+def test_the_pretraining_probes_refuse_bad_flags_in_one_line(script: str, flags: tuple[str, ...], named: str) -> None:
+    assert_one_line_error(run_cli(script, *flags), named)
