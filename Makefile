@@ -50,8 +50,9 @@ ablations: setup
 demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
-# Regenerate the shipped pretrained tiny VLA (assets/tiny-openvla-twin) as it was made, on 2 cores
-# (~1.5 h; pretrain_tiny.py's defaults are the recipe; add --resume to continue an interrupted run).
+# Pretrain the tiny VLA by pretrain_tiny.py's recipe (the name pairs: the next base, carried in
+# carry/; the shipped one's earlier second cycle is in its pretrain_config.json) into
+# assets/tiny-openvla-twin, on 2 cores (~4 h: 25,000 steps; add --resume to continue a run).
 pretrain: setup
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 

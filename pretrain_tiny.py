@@ -7,10 +7,11 @@ their exact combinations (docs/STUDY_PROTOCOL.md, twin_env.py). Every weight is 
 base learns far too slowly through LoRA), with OpenVLA's loss: cross-entropy on the 7 action
 tokens, by behaviour cloning of an expert whose moves get DART noise, on demonstrations streamed
 fresh into each rank's memory (a fixed set is overfitted). Two cycles of two phases each: first,
-only the frames where the instruction's names alone decide the move (so the model learns to read
-them), then all frames with those kept in every batch; second, the receptacle pairs (a carrying
-frame and its twin with the other receptacle named) beside the object frames, then all frames
-with those kept in every batch (docs/PRETRAINING.md). The result loads like the 7B checkpoint:
+only the frames where the instruction's names alone decide the move, then all frames with those
+kept in every batch; second, the name pairs (each such frame and its twin, the same image with the
+other object or receptacle named and the expert's move to it, so that only reading the name is
+right), then all frames with those kept in every batch (docs/PRETRAINING.md). The result loads
+like the 7B checkpoint:
 
     make pretrain   # = torchrun --standalone --nproc_per_node 2 pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
@@ -85,15 +86,14 @@ class Args:
     """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
     carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
     cycle's pairs do, docs/PRETRAINING.md)"""
-    receptacle_steps: int = 1000
-    """second cycle (a fresh AdamW): steps on the receptacle pairs (every carrying frame of a
-    two-receptacle scene and its twin: the same image, the other receptacle named, the expert's
-    move to it) and the two-object grounding frames only; 0 and 0 mix steps: no second cycle
-    (the first cycle alone reached 76.6% held out, this recipe 80.5%: docs/PRETRAINING.md)"""
-    receptacle_mix_steps: int = 3000
-    """then steps with --grounding-share of every batch from those, the rest from all frames
+    pair_steps: int = 1000
+    """second cycle (a fresh AdamW): steps on the name pairs only (see name_pairs: the frames where
+    an object's or a receptacle's name decides the move, each with its twin, the same image with the
+    other one named and the expert's move to it); 0 and 0 mix steps: no second cycle"""
+    pair_mix_steps: int = 4000
+    """then steps with --grounding-share of every batch from the pairs, the rest from all frames
     (without them the model forgets the rest of the task)"""
-    receptacle_learning_rate: float = 5e-4
+    pair_learning_rate: float = 5e-4
     """peak learning rate of the second cycle (warm-up, then cosine decay to 10%)"""
 
 
@@ -101,14 +101,14 @@ def check_args(args: Args) -> None:
     require_positive(args, "image_size", "num_demos", "heldout_demos", "base_steps", "batch_size",
                      "warmup_steps", "eval_every", "eval_episodes", "save_every", "grounding_window",
                      "carry_window")
-    require_finite_positive(args, "learning_rate", "receptacle_learning_rate")
+    require_finite_positive(args, "learning_rate", "pair_learning_rate")
     if args.fresh_demos < 0 or args.fresh_every < 1:
         raise ValueError(f"--fresh-demos must be >= 0 and --fresh-every >= 1, got {args.fresh_demos} "
                          f"and {args.fresh_every}")
     if args.fresh_demos and args.num_demos % args.fresh_demos:
         raise ValueError(f"--num-demos ({args.num_demos}) must be a multiple of --fresh-demos "
                          f"({args.fresh_demos}): a rank holds whole batches of demonstrations")
-    for name in ("grounding_steps", "receptacle_steps", "receptacle_mix_steps"):
+    for name in ("grounding_steps", "pair_steps", "pair_mix_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.grounding_share < 1.0:
@@ -206,15 +206,15 @@ def pool_of(held: list[list[Demonstrations]]) -> Demonstrations:
 
 
 def total_steps(args: Args) -> int:
-    return args.base_steps + args.receptacle_steps + args.receptacle_mix_steps
+    return args.base_steps + args.pair_steps + args.pair_mix_steps
 
 
 def learning_rate_at(step: int, args: Args) -> float:
-    """Two cycles (the base, then the receptacles'), each a linear warm-up, then cosine decay to
+    """Two cycles (the base, then the name pairs'), each a linear warm-up, then cosine decay to
     10% of its peak."""
     peak, start, length = args.learning_rate, 0, args.base_steps
     if step >= args.base_steps:
-        peak, start, length = args.receptacle_learning_rate, args.base_steps, total_steps(args) - args.base_steps
+        peak, start, length = args.pair_learning_rate, args.base_steps, total_steps(args) - args.base_steps
     step -= start
     if step < args.warmup_steps:
         return peak * (step + 1) / args.warmup_steps
@@ -244,45 +244,58 @@ def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.
     return np.concatenate(chosen)
 
 
-def receptacle_pairs(episode_ids: np.ndarray, image_size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """The expert replayed from these episodes' initial states: every frame that carries the
-    target closed in a two-receptacle scene, twice: as demonstrated, and as its twin, the same
-    image with the other receptacle named and the expert's move towards that one.
-    Returns images uint8 [2P, H, W, 3], instructions [2P], actions float32 [2P, 7].
+def name_pairs(episode_ids: np.ndarray, image_size: int, window: int
+               ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, int]]:
+    """The expert replayed from these episodes' initial states; every frame where a name decides
+    the move, twice: as demonstrated, and as its twin, the same image with the other thing named
+    and the expert's move towards that one. Object pairs: the first WINDOW steps of a two-object
+    scene, before the grasp; receptacle pairs: every frame that carries the target closed in a
+    two-receptacle scene. Returns images uint8 [2P, H, W, 3], instructions [2P], actions float32
+    [2P, 7] and the number of pairs of each kind.
 
-    On the demonstrated carrying frames a carry that ignores the name is already right in 79% of
-    those where the name decides (the first cycle's model, measured), and the model never learns
-    to read it; among the pairs any such guess is right half the time (docs/PRETRAINING.md)."""
-    ids = np.array([i for i in episode_ids if len(decode_episode("pretrain", int(i)).receptacles) > 1])
-    images, instructions, actions = [], [], []
+    On the demonstrated frames a name-blind policy is already right often (it goes to one object:
+    the base of 2026-12-04 grasps the other object in half its two-object scenes; it carries to
+    where it is right in 79% of the receptacle frames where the name decides), and the model
+    never learns to read the names; among the pairs any such guess is right half the time
+    (docs/PRETRAINING.md)."""
+    ids = np.array([i for i in episode_ids if max(len(decode_episode("pretrain", int(i)).objects),
+                                                  len(decode_episode("pretrain", int(i)).receptacles)) > 1])
+    images, instructions, actions, counts = [], [], [], {"object_pairs": 0, "receptacle_pairs": 0}
     for start in range(0, len(ids), 64):
         envs = make_vec_env("pretrain", len(ids[start:start + 64]), image_size, env="twin")
         obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
-        for _ in range(envs.max_episode_steps):
-            expert, target_xy = envs.expert_action(), envs.receptacle_xy
-            envs.receptacle_xy = np.array([ep.receptacle_xy[1] for ep in envs.episodes])  # the other one
-            twin = envs.expert_action()
-            envs.receptacle_xy = target_xy
-            for i in np.flatnonzero((envs.held == 0) & (expert[:, 6] < 0)):
+        two_objects = np.array([len(ep.objects) > 1 for ep in envs.episodes])
+        for step in range(envs.max_episode_steps):
+            expert, object_xy, receptacle_xy = envs.expert_action(), envs.object_xy.copy(), envs.receptacle_xy
+            envs.object_xy[two_objects, 0] = object_xy[two_objects, 1]  # the other object as the target
+            envs.receptacle_xy = np.array([ep.receptacle_xy[-1] for ep in envs.episodes])  # the other receptacle
+            twin = envs.expert_action()  # picking: towards the other object; carrying: to the other receptacle
+            envs.object_xy, envs.receptacle_xy = object_xy, receptacle_xy
+            picking = two_objects & (step < window) & (envs.held < 0) & (expert[:, 6] >= 0)
+            carrying = (envs.held == 0) & (expert[:, 6] < 0) & np.array([len(ep.receptacles) > 1 for ep in envs.episodes])
+            for i in np.flatnonzero(picking | carrying):
                 ep = envs.episodes[i]
+                other = (dict(object=ep.objects[1], receptacle=ep.receptacles[0]) if picking[i]
+                         else dict(object=ep.objects[0], receptacle=ep.receptacles[1]))
                 images += [obs["image"][i]] * 2
-                instructions += [ep.instruction, ep.template.format(object=ep.objects[0], receptacle=ep.receptacles[1])]
+                instructions += [ep.instruction, ep.template.format(**other)]
                 actions += [expert[i], twin[i]]
+                counts["object_pairs" if picking[i] else "receptacle_pairs"] += 1
             obs, *_ = envs.step(expert)
         envs.close()
     if not images:
-        return np.zeros((0, image_size, image_size, 3), np.uint8), [], np.zeros((0, 7), np.float32)
-    return np.stack(images), instructions, np.stack(actions).astype(np.float32)
+        return np.zeros((0, image_size, image_size, 3), np.uint8), [], np.zeros((0, 7), np.float32), counts
+    return np.stack(images), instructions, np.stack(actions).astype(np.float32), counts
 
 
 def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: int, grounding: np.ndarray,
-                  receptacle_set: np.ndarray, args: Args) -> np.ndarray:
+                  pairs: np.ndarray, args: Args) -> np.ndarray:
     """One rank's frame indices [SIZE]. First cycle: grounding frames only for the first
     --grounding-steps, then --grounding-share of them and the rest from all frames. Second
-    cycle: the same with RECEPTACLE_SET (pairs and object grounding frames) and --receptacle-steps."""
+    cycle: the same with the name PAIRS (indices past the frames) and --pair-steps."""
     first_cycle = step < args.base_steps
-    chosen = grounding if first_cycle else receptacle_set
-    alone = step < args.grounding_steps if first_cycle else step < args.base_steps + args.receptacle_steps
+    chosen = grounding if first_cycle else pairs
+    alone = step < args.grounding_steps if first_cycle else step < args.base_steps + args.pair_steps
     num_chosen = round((1.0 if alone else args.grounding_share) * size)
     return np.concatenate([rng.choice(chosen, size=num_chosen),
                            rng.integers(0, num_frames, size=size - num_chosen)])
@@ -344,6 +357,7 @@ def main(args: Args) -> dict[str, float]:
     second_cycle = total_steps(args) > args.base_steps
     no_pairs = (np.zeros((0, args.image_size, args.image_size, 3), np.uint8), [], np.zeros((0, 7), np.float32))
     pair_images, pair_texts, pair_actions = no_pairs  # the second cycle's, made when it starts
+    pair_counts: dict[str, int] = {}
 
     def second_cycle_pairs() -> tuple[np.ndarray, list[str], np.ndarray]:
         """From the episodes held when the second cycle starts (a resumed run makes the same)."""
@@ -351,25 +365,23 @@ def main(args: Args) -> dict[str, float]:
         if args.fresh_demos:
             first = args.base_steps // args.fresh_every
             seeds = np.concatenate([stream_ids(n, rank, args) for n in range(first, first + count)])
-        made = receptacle_pairs(seeds, args.image_size)
+        *made, counts = name_pairs(seeds, args.image_size, args.grounding_window)
         if not len(made[2]):
-            sys.exit(f"error: the {args.num_demos} demonstrations hold no two-receptacle scene for the second "
-                     "cycle: raise --num-demos, or pass --receptacle-steps 0 --receptacle-mix-steps 0")
-        return made
+            sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene for "
+                     "the second cycle: raise --num-demos, or pass --pair-steps 0 --pair-mix-steps 0")
+        pair_counts.update(counts)
+        return tuple(made)
 
     def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Action tokens [F + 2P, 7] of the frames, then the pairs; the first cycle's grounding frames
-        [G]; the second cycle's set: the object grounding frames and the pairs (indices past the frames).
-        The pairs alone taught the receptacles' names but made the objects' be forgotten (2 objects, 1
-        receptacle: 71 -> 59% in a probe), so the second cycle keeps the first's object frames."""
+        [G]; the second cycle's pairs (indices past the frames) [2P]."""
         tokens = action_tokenizer.encode(stats.normalize(np.concatenate([frames.actions, pair_actions])))
         grounding = grounding_frames(train_records, args.grounding_window, args.carry_window)
-        objects = grounding_frames(train_records, args.grounding_window, 0)
-        return tokens, grounding, np.concatenate([objects, len(frames) + np.arange(len(pair_actions))])
+        return tokens, grounding, len(frames) + np.arange(len(pair_actions))
 
     if second_cycle and (not args.fresh_demos or start_step >= args.base_steps):
         pair_images, pair_texts, pair_actions = second_cycle_pairs()  # a fixed set's: made now, errors early
-    tokens, grounding, receptacle_set = index_sets()
+    tokens, grounding, pairs = index_sets()
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
@@ -400,16 +412,16 @@ def main(args: Args) -> dict[str, float]:
             held = held[1:] + [fresh_demonstrations(stream_envs, step // args.fresh_every + count - 1, rank, args)]
             frames = pool_of(held)
             train_records = frames.records
-            tokens, grounding, receptacle_set = index_sets()
+            tokens, grounding, pairs = index_sets()
         if step == args.base_steps:  # the second cycle starts from fresh moments, as a fine-tuning run does
-            optimizer = torch.optim.AdamW(vla.parameters(), lr=args.receptacle_learning_rate, weight_decay=0.01)
+            optimizer = torch.optim.AdamW(vla.parameters(), lr=args.pair_learning_rate, weight_decay=0.01)
             base_fingerprint = weights_fingerprint(vla.state_dict())
             if not len(pair_actions):
                 pair_images, pair_texts, pair_actions = second_cycle_pairs()
-                tokens, grounding, receptacle_set = index_sets()
+                tokens, grounding, pairs = index_sets()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, receptacle_set, args)
+        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, pairs, args)
         inputs = prepare_inputs(vla, tokenizer, *batch_of(index))
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
@@ -461,7 +473,7 @@ def main(args: Args) -> dict[str, float]:
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
               "episode_ids": "calibration",  # the ids `success` was measured on (common.calibration_episode_ids)
               "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding),
-              "receptacle_pairs": len(pair_actions) // 2}
+              **pair_counts}  # object_pairs, receptacle_pairs
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()
     print(f"wrote {output} (held-out success: {recipe['success']})")

@@ -2,8 +2,9 @@
 
     python scripts/binding_probe.py --layers 4 --steps 4000             # the recipe's grounding frames
     python scripts/binding_probe.py --layers 4 --steps 2000 --pairs     # each also with the other name
+    python scripts/binding_probe.py --init-from assets/tiny-openvla-twin --pairs --learning-rate 5e-4
 
-From the tiny preset's random init (all weights, AdamW, warm-up then constant), trains on the
+From the tiny preset's random init or a model directory (all weights, AdamW, warm-up then constant), trains on the
 grounding frames of two-object `pretrain` scenes: their first expert steps before the grasp, where
 only the name tells which object to go to (pretrain_tiny.py's first phase uses them). --pairs adds
 each frame's twin: the same image, the other object named, the expert's move towards it; on the
@@ -28,8 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modul
 
 import model  # noqa: E402
 from cli import parse_cli, require_finite_positive, require_non_negative, require_positive  # noqa: E402
-from envs import make_vec_env  # noqa: E402
-from model import ActionTokenizer, NormStats, action_token_loss, build_tiny_vla, prepare_inputs  # noqa: E402
+from model import (  # noqa: E402
+    ActionTokenizer,
+    NormStats,
+    action_token_loss,
+    build_tiny_vla,
+    load_openvla_dir,
+    prepare_inputs,
+)
+from pretrain_tiny import name_pairs  # noqa: E402
 from twin_env import decode_episode  # noqa: E402
 
 
@@ -38,7 +46,9 @@ class Args:
     """Train a random tiny VLA on two-object grounding frames; print how far the name steers it."""
 
     layers: int = 4
-    """Llama layers of the tiny preset (the preset: 4)"""
+    """Llama layers of the tiny preset (the preset: 4; not with --init-from)"""
+    init_from: str | None = None
+    """start from this model directory (e.g. assets/tiny-openvla-twin) instead of the preset's random init"""
     steps: int = 2000
     """optimizer steps"""
     pairs: bool = False
@@ -58,6 +68,11 @@ class Args:
 
 
 def check_args(args: Args) -> None:
+    if args.init_from is not None:
+        if args.layers != 4:
+            raise ValueError("--layers sets the random preset's depth: it cannot change an --init-from model")
+        if not (Path(args.init_from) / "config.json").is_file():
+            raise ValueError(f"--init-from {args.init_from}: no config.json there (an OpenVLA model directory)")
     require_positive(args, "layers", "train_scenes", "depth", "test_scenes", "test_every", "batch_size")
     require_non_negative(args, "steps")  # 0: measure the random init only
     require_finite_positive(args, "learning_rate")
@@ -75,27 +90,13 @@ def two_object_ids(first: int, count: int) -> np.ndarray:
 
 def grounding_frames(ids: np.ndarray, depth: int) -> dict:
     """The first DEPTH expert steps before the grasp of each scene: images, instructions, the
-    expert's actions, and the same with the other object named and the expert's move to it."""
-    parts: dict[str, list] = {"images": [], "named": [], "expert": [], "other_named": [], "other_expert": []}
-    for start in range(0, len(ids), 64):
-        envs = make_vec_env("pretrain", len(ids[start:start + 64]), 64, env="twin")
-        obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
-        for _ in range(depth):
-            expert, positions = envs.expert_action(), envs.object_xy.copy()
-            envs.object_xy[:, [0, 1]] = positions[:, [1, 0]]  # the expert's plan for the other object
-            other = envs.expert_action()
-            envs.object_xy = positions
-            keep = np.flatnonzero((expert[:, 6] >= 0) & (envs.held < 0))  # not the grasp, nor past it
-            parts["images"].append(obs["image"][keep])
-            parts["expert"].append(expert[keep])
-            parts["other_expert"].append(other[keep])
-            parts["named"] += [envs.episodes[i].instruction for i in keep]
-            parts["other_named"] += [envs.episodes[i].template.format(object=envs.episodes[i].objects[1],
-                                                                       receptacle=envs.episodes[i].receptacles[0])
-                                     for i in keep]
-            obs, *_ = envs.step(expert)
-        envs.close()
-    return {k: v if k.endswith("named") else np.concatenate(v) for k, v in parts.items()}
+    expert's actions, and the same with the other object named and the expert's move to it
+    (pretrain_tiny's object pairs; its receptacle pairs, closed-gripper carrying frames, left out)."""
+    images, texts, actions, _ = name_pairs(ids, 64, depth)
+    keep = np.flatnonzero(actions[0::2, 6] >= 0)  # the pairs' first halves that do not carry
+    return {"images": images[0::2][keep], "named": [texts[2 * i] for i in keep], "expert": actions[0::2][keep],
+            "other_named": [texts[2 * i + 1] for i in keep], "other_expert": actions[1::2][keep]}
+
 
 def main(args: Args) -> None:
     preset = model.tiny_vla_config
@@ -107,9 +108,13 @@ def main(args: Args) -> None:
 
     model.tiny_vla_config = config  # build_tiny_vla's preset, deeper or shallower
     torch.manual_seed(0)
-    vla, tokenizer = build_tiny_vla(64)
+    if args.init_from is None:
+        vla, tokenizer = build_tiny_vla(64)
+        stats = NormStats.identity()
+    else:  # all weights trained from the model's, in float32, with its action statistics
+        vla, tokenizer, stats, _ = load_openvla_dir(args.init_from, "cpu", dtype=torch.float32)
     vla.train()
-    action_tokenizer, stats = ActionTokenizer(tokenizer.vocab_size), NormStats.identity()
+    action_tokenizer = ActionTokenizer(tokenizer.vocab_size)
 
     def tokens_of(actions: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(action_tokenizer.encode(stats.normalize(actions)))

@@ -45,7 +45,7 @@ def cases() -> list[tuple[str, list[str], str]]:
     out += [
         # check_model_args, shared by the training scripts
         ("ppo_vla.py", ["--lora-rank", "0"], "--lora-rank must be at least 1"),
-        ("pretrain_tiny.py", ["--receptacle-steps", "-1"], "--receptacle-steps must be >= 0, got -1"),
+        ("pretrain_tiny.py", ["--pair-steps", "-1"], "--pair-steps must be >= 0, got -1"),
         ("grpo_vla.py", ["--image-size", "0"], "--image-size must be at least 1"),
         ("dpo_vla.py", ["--image-size", "57"], "--image-size must be a multiple of"),
         ("sft_warmup.py", ["--exp-name", "a/b"], "--exp-name must be a plain name"),

@@ -100,8 +100,8 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
     np.testing.assert_array_equal(grounding, np.flatnonzero(expected))
 
     # The batches: grounding frames only during the first --grounding-steps, then the share asked;
-    # in the second cycle the same with the receptacle pairs (indices past the frames).
-    args = Args(grounding_steps=5, grounding_share=0.5, base_steps=10, receptacle_steps=5)
+    # in the second cycle the same with the name pairs (indices past the frames).
+    args = Args(grounding_steps=5, grounding_share=0.5, base_steps=10, pair_steps=5)
     num_frames, rng, pairs = len(expected), np.random.default_rng(0), len(expected) + np.arange(40)
     for first, alone in ((0, 5), (10, 15)):
         chosen = grounding if first == 0 else pairs
@@ -113,34 +113,42 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
         assert later.max() < num_frames + (len(pairs) if first else 0)
 
 
-def test_a_receptacle_pair_is_a_carrying_frame_and_its_twin_with_the_other_receptacle_named() -> None:
-    # The twin must be what the expert does in the same state when the other receptacle is the
-    # target: the same episode with its two receptacles swapped, played to its first carrying
-    # frame (nothing before the grasp depends on the receptacle), must show the same image and
-    # instruction and ask for the same action.
-    from pretrain_tiny import receptacle_pairs
+def test_a_name_pair_is_a_frame_and_its_twin_with_the_other_object_or_receptacle_named() -> None:
+    # The twin must be what the expert does in the same state when the other one is the target:
+    # the same episode with its two receptacles (objects) swapped, played to its first carrying
+    # (first) frame, must show the same image and instruction and ask for the same action.
+    from pretrain_tiny import name_pairs
     from twin_env import decode_episode
-    ids = [i for i in range(400) if len(decode_episode("pretrain", i).receptacles) == 2][:6]
-    one = next(i for i in range(400) if len(decode_episode("pretrain", i).receptacles) == 1)
-    assert len(receptacle_pairs(np.array([one]), 32)[0]) == 0  # one receptacle: the name never decides
+    kinds = {(len(decode_episode("pretrain", i).objects), len(decode_episode("pretrain", i).receptacles)): i
+             for i in range(400)}
+    assert len(name_pairs(np.array([kinds[1, 1]]), 32, 3)[0]) == 0  # the names never decide
+    receptacles = [i for i in range(400) if decode_episode("pretrain", i).receptacles[1:]
+                   and not decode_episode("pretrain", i).objects[1:]][:5]
+    objects = [i for i in range(400) if decode_episode("pretrain", i).objects[1:]
+               and not decode_episode("pretrain", i).receptacles[1:]][:5]
     differ = 0
-    for episode_id in ids:
-        images, instructions, actions = receptacle_pairs(np.array([episode_id]), 32)
-        assert len(images) >= 4 and len(images) % 2 == 0
+    for episode_id, kind in [(i, "receptacle") for i in receptacles] + [(i, "object") for i in objects]:
+        images, instructions, actions, counts = name_pairs(np.array([episode_id]), 32, 3)
+        assert counts[f"{kind}_pairs"] == len(images) // 2 >= (2 if kind == "receptacle" else 1)
+        assert counts["object_pairs" if kind == "receptacle" else "receptacle_pairs"] == 0
         np.testing.assert_array_equal(images[0::2], images[1::2])
-        assert (actions[0::2, 6] < 0).all()  # carrying: closed
+        assert (actions[0::2, 6] < 0).all() if kind == "receptacle" else (actions[0::2, 6] >= 0).all()
         env = make_vec_env("pretrain", 1, 32, env="twin")
         obs, _ = env.reset(options={"episode_ids": [episode_id]})
-        env.episodes[0].receptacles.reverse()
-        env.episodes[0].receptacle_xy.reverse()
+        if kind == "object":  # the first pair: the first frame, as it is
+            np.testing.assert_array_equal(obs["image"][0], images[1])
+        for things in ((env.episodes[0].receptacles, env.episodes[0].receptacle_xy) if kind == "receptacle"
+                       else (env.episodes[0].objects, env.episodes[0].object_xy)):
+            things.reverse()
         env._load_state()
-        while env.held[0] != 0:
+        while kind == "receptacle" and env.held[0] != 0:
             obs, *_ = env.step(env.expert_action())
-        np.testing.assert_array_equal(obs["image"][0], images[1])
+        if kind == "receptacle":  # the first carrying frame: before it nothing depends on the receptacle
+            np.testing.assert_array_equal(obs["image"][0], images[1])
         assert instructions[1] == env.episodes[0].instruction != instructions[0]
         np.testing.assert_array_equal(env.expert_action()[0], actions[1])
         differ += not np.array_equal(actions[0], actions[1])
-    assert differ >= 3, "precondition: the two receptacles mostly ask for different first carrying moves"
+    assert differ >= 6, "precondition: the two things mostly ask for different moves"
 
 
 def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> None:
@@ -149,10 +157,11 @@ def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> N
     import pretrain_tiny
     small = dict(fresh_demos=0, num_demos=24, heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1,
                  eval_every=100, eval_episodes=4, save_every=100, grounding_steps=1, base_steps=3,
-                 receptacle_steps=2, receptacle_mix_steps=2, demo_dir=str(tmp_path / "demos"))
+                 pair_steps=2, pair_mix_steps=2, demo_dir=str(tmp_path / "demos"))
     pretrain_tiny.main(pretrain_tiny.Args(**small, output=str(tmp_path / "model"), run_dir=str(tmp_path / "run")))
     made = json.loads((tmp_path / "model" / "pretrain_config.json").read_text())
     assert made["base_fingerprint"] not in (None, made["fingerprint"]) and made["receptacle_pairs"] > 0
+    assert made["object_pairs"] > 0
     assert list((tmp_path / "demos").glob("train-*.h5")), "the set is on disk, for the next run"
     with pytest.raises(ValueError, match="--image-size must be a multiple of"):
         pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "image_size": 40}))
@@ -165,7 +174,7 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
     import pretrain_tiny
     small = dict(action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
                  heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100, eval_episodes=4,
-                 save_every=1, grounding_steps=1, base_steps=4, receptacle_steps=2, receptacle_mix_steps=2,
+                 save_every=1, grounding_steps=1, base_steps=4, pair_steps=2, pair_mix_steps=2,
                  demo_dir=str(tmp_path / "demos"))
     whole = pretrain_tiny.Args(**small, output=str(tmp_path / "whole"), run_dir=str(tmp_path / "run_whole"))
     pretrain_tiny.main(whole)
@@ -187,7 +196,7 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
     made = {name: json.loads((tmp_path / name / "pretrain_config.json").read_text()) for name in ("whole", "parts")}
     assert made["parts"]["fingerprint"] == made["whole"]["fingerprint"]
     assert made["parts"]["base_fingerprint"] == made["whole"]["base_fingerprint"] is not None
-    assert made["whole"]["receptacle_pairs"] > 0
+    assert made["whole"]["receptacle_pairs"] > 0 and made["whole"]["object_pairs"] > 0
     held = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
     assert held and all(len(d.images) == len(d.actions) == len(d.instructions) for d in held)
     again = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
@@ -259,6 +268,7 @@ def test_the_binding_probe_pairs_each_frame_with_the_other_object_named(monkeypa
 @pytest.mark.parametrize(("script", "flags", "named"), [
     ("scripts/pretrain_breakdown.py", ("--episodes", "0"), "--episodes"),
     ("scripts/binding_probe.py", ("--layers", "0"), "--layers"),
+    ("scripts/binding_probe.py", ("--init-from", "no/such/model"), "--init-from"),
 ])
 def test_the_pretraining_probes_refuse_bad_flags_in_one_line(script: str, flags: tuple[str, ...], named: str) -> None:
     assert_one_line_error(run_cli(script, *flags), named)
