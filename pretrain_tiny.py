@@ -258,21 +258,23 @@ def name_pairs(episode_ids: np.ndarray, image_size: int, window: int
     where it is right in 79% of the receptacle frames where the name decides), and the model
     never learns to read the names; among the pairs any such guess is right half the time
     (docs/PRETRAINING.md)."""
-    ids = np.array([i for i in episode_ids if max(len(decode_episode("pretrain", int(i)).objects),
-                                                  len(decode_episode("pretrain", int(i)).receptacles)) > 1])
+    scenes = {int(i): decode_episode("pretrain", int(i)) for i in episode_ids}
+    ids = np.array([i for i, ep in scenes.items() if len(ep.objects) > 1 or len(ep.receptacles) > 1])
     images, instructions, actions, counts = [], [], [], {"object_pairs": 0, "receptacle_pairs": 0}
     for start in range(0, len(ids), 64):
         envs = make_vec_env("pretrain", len(ids[start:start + 64]), image_size, env="twin")
         obs, _ = envs.reset(options={"episode_ids": ids[start:start + 64]})
         two_objects = np.array([len(ep.objects) > 1 for ep in envs.episodes])
+        two_receptacles = np.array([len(ep.receptacles) > 1 for ep in envs.episodes])
+        other_receptacle_xy = np.array([ep.receptacle_xy[-1] for ep in envs.episodes])  # receptacles stay put
         for step in range(envs.max_episode_steps):
             expert, object_xy, receptacle_xy = envs.expert_action(), envs.object_xy.copy(), envs.receptacle_xy
             envs.object_xy[two_objects, 0] = object_xy[two_objects, 1]  # the other object as the target
-            envs.receptacle_xy = np.array([ep.receptacle_xy[-1] for ep in envs.episodes])  # the other receptacle
+            envs.receptacle_xy = other_receptacle_xy
             twin = envs.expert_action()  # picking: towards the other object; carrying: to the other receptacle
             envs.object_xy, envs.receptacle_xy = object_xy, receptacle_xy
             picking = two_objects & (step < window) & (envs.held < 0) & (expert[:, 6] >= 0)
-            carrying = (envs.held == 0) & (expert[:, 6] < 0) & np.array([len(ep.receptacles) > 1 for ep in envs.episodes])
+            carrying = two_receptacles & (envs.held == 0) & (expert[:, 6] < 0)
             for i in np.flatnonzero(picking | carrying):
                 ep = envs.episodes[i]
                 other = (dict(object=ep.objects[1], receptacle=ep.receptacles[0]) if picking[i]
