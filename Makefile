@@ -50,9 +50,8 @@ ablations: setup
 demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
-# Pretrain the tiny VLA by pretrain_tiny.py's recipe (the name pairs: the next base, carried in
-# carry/; the shipped one's earlier second cycle is in its pretrain_config.json) into
-# assets/tiny-openvla-twin, on 2 cores (~4 h: 25,000 steps; add --resume to continue a run).
+# Pretrain the tiny VLA by pretrain_tiny.py's recipe (streamed demonstrations, then the name
+# pairs) into assets/tiny-openvla-twin, on 2 cores (~4 h: 25,000 steps; add --resume to continue).
 pretrain: setup
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 

@@ -127,8 +127,8 @@ class Args:
 
 
 RECIPES = {
-    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT, 200 steps on 64 ind demos",
-                    Args(exp_name="sft_warmup_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=64,
+    "twin-warmup": ("the warm-up on the 2D twin, as in the README: LoRA SFT, 200 steps on 32 ind demos",
+                    Args(exp_name="sft_warmup_twin", env="twin", model_path=PRETRAINED_TWIN, num_demos=32,
                          total_steps=200,
                          batch_size=64, grad_accum_steps=1, learning_rate=1e-3, image_aug=False,
                          val_every=100, eval_every=200, eval_episodes=128, save_every=100)),

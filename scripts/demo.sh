@@ -61,7 +61,7 @@ checkpoints=()  # the base is on every split in the README's calibration table, 
 # every checkpoint on every split (PPO's progress bar shows its rollouts' success).
 
 for seed in $TRAIN_SEEDS; do
-  stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 64 ind demos (python sft_warmup.py twin-warmup)"
+  stage "training seed $seed: 1/$STAGES SFT warm-up, LoRA, 200 steps on 32 ind demos (python sft_warmup.py twin-warmup)"
   train "warmup-$seed" sft_warmup.py twin-warmup "${common[@]}" --seed "$seed" --eval-every 0
 
   stage "training seed $seed: 2/$STAGES PPO from the warm-up, the paper's recipe (python ppo_vla.py twin --epochs 1 --temperature 1.0)"

@@ -17,7 +17,7 @@ from conftest import REPO, assert_one_line_error, run_cli
 from common import build_agent, calibration_episode_ids, evaluate_policy, evaluation_episode_ids
 from envs import make_vec_env
 from model import build_tiny_vla
-from twin_env import decode_episode
+from twin_env import COLOURS, SHAPES, decode_episode
 
 PRETRAINED = REPO / "assets" / "tiny-openvla-twin"
 
@@ -265,7 +265,32 @@ def test_the_binding_probe_pairs_each_frame_with_the_other_object_named(monkeypa
     assert (frames["other_expert"][:, :2] != frames["expert"][:, :2]).any()
 
 
+def test_the_perception_probe_crops_each_target_and_its_raw_pixels_tell_the_shapes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # scripts/perception_probe.py: the crop and the patch index are the target object's, so the
+    # raw-pixel probe reads its shape far above chance (full run, 4096 frames: 96.4%, chance 12.7%).
+    spec = importlib.util.spec_from_file_location("perception_probe", REPO / "scripts" / "perception_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "perception_probe", probe)
+    spec.loader.exec_module(probe)
+    assert list(probe.centre_patch(np.array([[0.99, 0.0], [0.0, 0.99], [0.3, 0.6]]), 64, 16)) == [3, 12, 9]
+    frames = probe.first_frames(512, 64, 256)
+    crops = probe.object_crops(frames["images"], frames["xy"], 16).reshape(-1, 16, 16, 3) * 255
+    colours = np.array(list(COLOURS.values()), dtype=np.float32)[frames["colour"]]  # [N, 3] the target's
+    plain = [decode_episode("pretrain", int(i)).overlay is None for i in calibration_episode_ids("pretrain", 512)]
+    near = np.abs(crops.numpy() - colours[:, None, None]).max(-1)[plain] <= 40  # [N', 16, 16]; no texture, noise
+    assert near.sum((1, 2)).min() > 0, "every crop holds its target's colour"
+    rows, cols = np.nonzero(near.sum(0))  # the target's pixels pooled over frames: around the centre
+    weights = near.sum(0)[rows, cols]
+    assert abs(np.average(rows, weights=weights) - 7.5) < 1.5 and abs(np.average(cols, weights=weights) - 7.5) < 1.5
+    features = probe.object_crops(frames["images"], frames["xy"], 16)
+    accuracy = probe.probe_accuracy(features, frames["shape"], len(SHAPES), probe.Args(steps=300))
+    assert accuracy > 0.6, f"the raw crop tells the target's shape: {accuracy}"
+
+
 @pytest.mark.parametrize(("script", "flags", "named"), [
+    ("scripts/perception_probe.py", ("--frames", "4"), "--frames"),
+    ("scripts/perception_probe.py", ("--model-path", "no/such/model"), "--model-path"),
     ("scripts/pretrain_breakdown.py", ("--episodes", "0"), "--episodes"),
     ("scripts/binding_probe.py", ("--layers", "0"), "--layers"),
     ("scripts/binding_probe.py", ("--init-from", "no/such/model"), "--init-from"),
