@@ -21,8 +21,6 @@ success by several points). Earlier bases' numbers: docs/HISTORY.md.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -49,39 +47,13 @@ def base_success() -> float:
     return evaluate_policy(agent.as_policy(0.6), envs, evaluation_episode_ids(1, "ind", 128)).success_rate
 
 
-@pytest.fixture(scope="session")
-def warmup(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[dict[str, float], Path]:
-    """`python sft_warmup.py twin-warmup`, the demo's warm-up, in this process: (final metrics,
-    checkpoint directory). Trained once per test run: under pytest-xdist (`make test`, two
-    workers) the first worker to need it trains it in the run's shared folder, under a lock, and
-    the other waits and reads it (xdist_group, which would keep its tests on one worker, does
-    nothing with pytest 9.2: xdist 3.8 renames the test through an attribute pytest no longer
-    reads; measured 2026-12-04, the warm-up trained on both workers, 424 and 386 s)."""
-    if worker_id == "master":  # one process: nothing to share
-        return train_warmup(tmp_path_factory.mktemp("warmup"))
-    shared = tmp_path_factory.getbasetemp().parent / "warmup"  # this run's, every worker's
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (shared / "final.json").exists():
-            final, _ = train_warmup(shared)
-            (shared / "final.json.tmp").write_text(json.dumps({k: float(v) for k, v in final.items()}))
-            (shared / "final.json.tmp").rename(shared / "final.json")  # a killed run leaves no half
-    return json.loads((shared / "final.json").read_text()), shared / "warmup" / "checkpoint"
-
-
-def train_warmup(out: Path) -> tuple[dict[str, float], Path]:
-    """sft_warmup.py's twin-warmup recipe into OUT -> (final metrics, checkpoint directory)."""
-    args = replace(sft_warmup.RECIPES["twin-warmup"][1], output_dir=str(out), exp_name="warmup",
-                   demo_dir=str(out / "demos"))
-    return sft_warmup.main(args), out / "warmup" / "checkpoint"
-
-
-def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(warmup, base_success: float) -> None:
+def test_sft_warmup_learns_the_new_task_from_the_pretrained_base(tmp_path: Path, base_success: float) -> None:
     # 15 points over the base: clearly better. (A 90% floor, kept until the current model, sat at
     # the noise edge: the first-cycle model's warm-up scored 90.6% at 100 steps, 91.4% at 200, the
     # current one's 85.9% at 200; the 90% target is PPO's, tested below.)
-    final, _ = warmup
+    args = replace(sft_warmup.RECIPES["twin-warmup"][1], output_dir=str(tmp_path), exp_name="warmup",
+                   demo_dir=str(tmp_path / "demos"))
+    final = sft_warmup.main(args)
     assert final["eval/success"] >= base_success + 0.15, (base_success, final)
 
 
