@@ -116,7 +116,7 @@ class Args:
 
 
 RECIPES = {
-    "twin": ("offline DPO from an SFT warm-up on the 2D twin, as in the README (needs --init-checkpoint)",
+    "twin": ("offline DPO on the 2D twin from an SFT warm-up (--init-checkpoint), as in the README, or from --model-path",
              Args(exp_name="dpo_twin", env="twin", num_envs=64, num_states=128, rollouts_per_state=4,
                   beta=1.0, learning_rate=1e-3, pairs_per_batch=16, chunk_size=64, eval_episodes=128)),
 }

@@ -275,7 +275,8 @@ def test_the_perception_probe_crops_each_target_and_its_raw_pixels_tell_the_shap
     spec.loader.exec_module(probe)
     assert list(probe.centre_patch(np.array([[0.99, 0.0], [0.0, 0.99], [0.3, 0.6]]), 64, 16)) == [3, 12, 9]
     frames = probe.first_frames(512, 64, 256)
-    crops = probe.object_crops(frames["images"], frames["xy"], 16).reshape(-1, 16, 16, 3) * 255
+    features = probe.object_crops(frames["images"], frames["xy"], 16)  # [N, 16 * 16 * 3] in [0, 1]
+    crops = features.reshape(-1, 16, 16, 3) * 255
     colours = np.array(list(COLOURS.values()), dtype=np.float32)[frames["colour"]]  # [N, 3] the target's
     plain = [decode_episode("pretrain", int(i)).overlay is None for i in calibration_episode_ids("pretrain", 512)]
     near = np.abs(crops.numpy() - colours[:, None, None]).max(-1)[plain] <= 40  # [N', 16, 16]; no texture, noise
@@ -283,7 +284,6 @@ def test_the_perception_probe_crops_each_target_and_its_raw_pixels_tell_the_shap
     rows, cols = np.nonzero(near.sum(0))  # the target's pixels pooled over frames: around the centre
     weights = near.sum(0)[rows, cols]
     assert abs(np.average(rows, weights=weights) - 7.5) < 1.5 and abs(np.average(cols, weights=weights) - 7.5) < 1.5
-    features = probe.object_crops(frames["images"], frames["xy"], 16)
     accuracy = probe.probe_accuracy(features, frames["shape"], len(SHAPES), probe.Args(steps=300))
     assert accuracy > 0.6, f"the raw crop tells the target's shape: {accuracy}"
 
