@@ -37,7 +37,8 @@ test: setup lint
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
 
-# The same study with 3 training seeds of every stage and more evaluation episodes (hours).
+# The same study with 3 training seeds of every stage and more evaluation episodes (50 min at a
+# fast hour of the 2-core host, 2026-12-05; its speed varies ~3x by the hour).
 study: setup
 	PY=$(PY) STUDY=1 bash scripts/demo.sh
 

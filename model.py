@@ -177,7 +177,7 @@ def padded_vocab_size(text_vocab_size: int, multiple: int = 64) -> int:
     return math.ceil((text_vocab_size + 1) / multiple) * multiple
 
 
-def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
+def tiny_vla_config(image_size: int, text_vocab_size: int, patch_size: int = TINY_PATCH_SIZE) -> VLAConfig:
     """The same modules as OpenVLA-7B at toy width and depth: ~1.5M weights (7B: 7.54B).
 
     Sized for learning on a 2-core CPU (docs/PRETRAINING.md, "Reading the names"): the language model's
@@ -187,8 +187,8 @@ def tiny_vla_config(image_size: int, text_vocab_size: int) -> VLAConfig:
     return VLAConfig(
         timm_model_ids=[DINOV2_TIMM_ID, SIGLIP_TIMM_ID],
         timm_model_kwargs=[  # DINOv2-L: 1024 wide, 24 deep; SigLIP-So400m: 1152 wide, 27 deep
-            dict(embed_dim=64, depth=3, num_heads=2, patch_size=TINY_PATCH_SIZE),
-            dict(embed_dim=96, depth=3, num_heads=2, patch_size=TINY_PATCH_SIZE),
+            dict(embed_dim=64, depth=3, num_heads=2, patch_size=patch_size),
+            dict(embed_dim=96, depth=3, num_heads=2, patch_size=patch_size),
         ],
         image_sizes=[image_size, image_size],
         text_config=dict(
@@ -606,11 +606,12 @@ def action_token_loss(vla: OpenVLA, inputs: PromptInputs, tokens: torch.Tensor,
     return loss, action_logits.argmax(-1) + first
 
 
-def build_tiny_vla(image_size: int | None = None) -> tuple[OpenVLA, PreTrainedTokenizerFast]:
+def build_tiny_vla(image_size: int | None = None,
+                   patch_size: int = TINY_PATCH_SIZE) -> tuple[OpenVLA, PreTrainedTokenizerFast]:
     """Random tiny OpenVLA on CPU in fp32, identical on every call (fixed base seed)."""
     image_size = image_size or TINY_IMAGE_SIZE
     tokenizer = build_tiny_tokenizer()
-    config = tiny_vla_config(image_size, text_vocab_size=tokenizer.vocab_size)
+    config = tiny_vla_config(image_size, text_vocab_size=tokenizer.vocab_size, patch_size=patch_size)
     patch = config.timm_model_kwargs[0].get("patch_size", 14)
     if image_size % patch:
         raise ValueError(f"image_size must be a multiple of the patch size {patch}, got {image_size}")

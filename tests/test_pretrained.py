@@ -265,7 +265,7 @@ def test_the_binding_probe_pairs_each_frame_with_the_other_object_named(monkeypa
     assert (frames["other_expert"][:, :2] != frames["expert"][:, :2]).any()
 
 
-def test_the_perception_probe_crops_each_target_and_its_raw_pixels_tell_the_shapes(
+def test_the_perception_probe_crops_each_target_its_raw_pixels_tell_the_shapes_and_its_towers_learn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # scripts/perception_probe.py: the crop and the patch index are the target object's, so the
     # raw-pixel probe reads its shape far above chance (full run, 4096 frames: 96.4%, chance 12.7%).
@@ -286,6 +286,14 @@ def test_the_perception_probe_crops_each_target_and_its_raw_pixels_tell_the_shap
     assert abs(np.average(rows, weights=weights) - 7.5) < 1.5 and abs(np.average(cols, weights=weights) - 7.5) < 1.5
     accuracy = probe.probe_accuracy(features, frames["shape"], len(SHAPES), probe.Args(steps=300))
     assert accuracy > 0.6, f"the raw crop tells the target's shape: {accuracy}"
+    # the grid patch is the one under the target's centre: it holds some of the target's pixels
+    where = probe.centre_patch(frames["xy"], 64, 16)
+    cells = probe.grid_patches(frames["images"], where, 16).reshape(-1, 16, 16, 3).numpy() * 255
+    assert (np.abs(cells - colours[:, None, None]).max(-1)[plain] <= 40).sum((1, 2)).min() > 0
+    # the towers trained directly on the labels learn the colour from their centre token (chance ~15%)
+    vla, _ = build_tiny_vla(64)
+    trained = probe.trained_token_accuracy(vla, frames, probe.Args(train_steps=150, batch_size=64))
+    assert trained["colour"] > 0.5, f"a direct signal teaches the towers the colour: {trained}"
 
 
 @pytest.mark.parametrize(("script", "flags", "named"), [
