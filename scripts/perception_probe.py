@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules, from anywhere
 
+import twin_env  # noqa: E402
 from cli import parse_cli, require_finite_positive, require_non_negative, require_positive  # noqa: E402
 from common import calibration_episode_ids  # noqa: E402
 from model import OpenVLA, build_tiny_vla, load_openvla_dir, preprocess_images  # noqa: E402
@@ -62,6 +63,8 @@ class Args:
     """their AdamW learning rate (--train-steps)"""
     small_patch: int = 8
     """patch size of the third directly trained model, from the random preset (--train-steps)"""
+    object_size: float | None = None
+    """draw the objects this wide (a share of the image; the twin's: 0.1875, 12 px at 64 px) in every frame"""
 
 
 def check_args(args: Args) -> None:
@@ -70,6 +73,8 @@ def check_args(args: Args) -> None:
     require_positive(args, "frames", "steps", "hidden", "batch_size", "small_patch")
     require_non_negative(args, "train_steps")
     require_finite_positive(args, "learning_rate", "train_learning_rate")
+    if args.object_size is not None and not 0 < args.object_size <= 0.5:
+        raise ValueError(f"--object-size must be in (0, 0.5] (a share of the image), got {args.object_size}")
     if args.frames < 8:
         raise ValueError(f"--frames must be at least 8 (a quarter of them test the probe), got {args.frames}")
 
@@ -182,6 +187,8 @@ def object_crops(images: np.ndarray, xy: np.ndarray, size: int) -> torch.Tensor:
 
 def main(args: Args) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
+    if args.object_size is not None:  # only the sprites' size: placement and clearances stay the twin's
+        twin_env.OBJECT_SIZE = args.object_size
     vla, _, _, _ = load_openvla_dir(args.model_path, torch.device("cpu"), dtype=torch.float32, read_stats=False)
     random_vla, _ = build_tiny_vla(vla.config.image_size)  # the architecture of the tiny preset, untrained
     if random_vla.config.to_dict() != vla.config.to_dict():
