@@ -11,15 +11,14 @@ episodes, a probe (an MLP, one hidden layer, AdamW, full batch) trained on 3/4 o
 the target object's shape and its colour on the other 1/4 from: the token the language model
 receives for the patch under the object's centre (the projector's output), the same token from a
 random tiny VLA of the same architecture (what pretraining added), and the raw pixels of a crop
-centred on the object (what the image shows); and the majority class (chance). Two more inputs
-separate the patch grid from the training: the raw pixels of the grid patch under the object's centre
-(what that token's patch embedding sees) and all the model's patch tokens side by side (what the
-Llama receives as a whole). With --train-steps, the vision towers and projector themselves are
+centred on the object (what the image shows); and the majority class (chance). One more input
+separates the patch grid from the training: the raw pixels of the grid patch under the object's
+centre (what that token's patch embedding sees). With --train-steps, the vision towers and projector themselves are
 trained with a linear head per label on the centre token (a direct signal, not behaviour cloning):
 from the model, from the random preset, and from the random preset with --small-patch px patches.
 If the random preset learns the shape as well as the small patches do, the 16 px grid is not what
 hides it: the pretraining's signal is.
-Results: docs/PRETRAINING.md ("What the vision sees").
+Results: docs/PRETRAINING.md ("What the vision sees", "Can the tiny towers learn the shape at all?").
 """
 
 from __future__ import annotations
@@ -73,6 +72,10 @@ def check_args(args: Args) -> None:
     require_positive(args, "frames", "steps", "hidden", "batch_size", "small_patch")
     require_non_negative(args, "train_steps")
     require_finite_positive(args, "learning_rate", "train_learning_rate")
+    defaults = Args()
+    for flag in ("train_learning_rate", "small_patch"):  # they only shape the --train-steps runs
+        if not args.train_steps and getattr(args, flag) != getattr(defaults, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} applies only with --train-steps > 0")
     if args.object_size is not None and not 0 < args.object_size <= 0.5:
         raise ValueError(f"--object-size must be in (0, 0.5] (a share of the image), got {args.object_size}")
     if args.frames < 8:
@@ -144,11 +147,15 @@ def grid_patches(images: np.ndarray, where: np.ndarray, patch: int) -> torch.Ten
     return torch.as_tensor(cells).reshape(len(cells), -1).float() / 255
 
 
+def patch_size_of(vla: OpenVLA) -> int:
+    return vla.config.image_size // int(round(vla.num_patches ** 0.5))
+
+
 def trained_token_accuracy(vla: OpenVLA, frames: dict[str, np.ndarray], args: Args) -> dict[str, float]:
     """Train VLA's towers and projector (in place) with a linear head per label on the centre-patch
     token, on the first 3/4 of the frames; the held-out accuracy of shape and colour."""
     size = vla.config.image_size
-    where = torch.as_tensor(centre_patch(frames["xy"], size, size // int(round(vla.num_patches ** 0.5))))
+    where = torch.as_tensor(centre_patch(frames["xy"], size, patch_size_of(vla)))
     pixels = preprocess_images(frames["images"], size, torch.device("cpu"), torch.float32,
                                vla.config.image_transform)  # [N, 6, S, S]
     labels = {k: torch.as_tensor(frames[k], dtype=torch.long) for k in ("shape", "colour")}
@@ -194,15 +201,13 @@ def main(args: Args) -> dict[str, dict[str, float]]:
     if random_vla.config.to_dict() != vla.config.to_dict():
         print("note: the random reference is the tiny preset, not this model's architecture", file=sys.stderr)
     size = vla.config.image_size
-    patch = size // int(round(vla.num_patches ** 0.5))
+    patch = patch_size_of(vla)
     if args.train_steps and size % args.small_patch:
         raise SystemExit(f"error: --small-patch {args.small_patch} does not divide the model's image size {size}")
     frames = first_frames(args.frames, size, args.batch_size)
     where = centre_patch(frames["xy"], size, patch)
-    tokens = patch_tokens(vla.eval(), frames["images"], args.batch_size)  # [N, P, D]
-    features = {"model": at_patch(tokens, where),
+    features = {"model": at_patch(patch_tokens(vla.eval(), frames["images"], args.batch_size), where),
                 "random model": at_patch(patch_tokens(random_vla.eval(), frames["images"], args.batch_size), where),
-                "all tokens": tokens.flatten(1),
                 "grid patch": grid_patches(frames["images"], where, patch),
                 "object crop": object_crops(frames["images"], frames["xy"], patch)}
     test = slice(3 * args.frames // 4, None)
@@ -218,7 +223,7 @@ def main(args: Args) -> dict[str, dict[str, float]]:
                 results[name][kind] = accuracy
     print(f"{args.model_path}: first frames of {args.frames} `pretrain` calibration episodes; MLP probes tested on "
           f"{len(labels[test])}: accuracy from the target object's centre-patch token, the same token of a random "
-          f"model, all the model's patch tokens, the raw pixels of the {patch} px grid patch under the object's "
+          f"model, the raw pixels of the {patch} px grid patch under the object's "
           f"centre and of a {patch} px crop centred on it, and chance"
           + (f"; then the towers trained directly for {args.train_steps} steps (linear heads)" if args.train_steps else ""))
     for name, r in results.items():

@@ -300,6 +300,7 @@ def test_the_perception_probe_crops_each_target_its_raw_pixels_tell_the_shapes_a
     ("scripts/perception_probe.py", ("--frames", "4"), "--frames"),
     ("scripts/perception_probe.py", ("--model-path", "no/such/model"), "--model-path"),
     ("scripts/perception_probe.py", ("--object-size", "0.9"), "--object-size"),
+    ("scripts/perception_probe.py", ("--small-patch", "4"), "--small-patch"),
     ("scripts/pretrain_breakdown.py", ("--episodes", "0"), "--episodes"),
     ("scripts/binding_probe.py", ("--layers", "0"), "--layers"),
     ("scripts/binding_probe.py", ("--init-from", "no/such/model"), "--init-from"),
