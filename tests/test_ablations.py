@@ -51,6 +51,17 @@ def test_the_driver_runs_every_setting_and_draws_each_figure_from_the_logs(tmp_p
     assert set(numbers["epochs"]["success_by_seconds"]) == {"1 epoch", "2 epochs", "5 epochs"}
     assert set(numbers["warmup"]["env_steps_to_target"]) == {"from the warm-up", "from the base"}
 
+    # The final success and its difference from the reference, paired by seed, from the last logged points.
+    last = {run: np.array([ablations.scalars(runs / f"{run}-s{seed}", "eval/success")[1][-1] for seed in (0, 1)])
+            for run in ("ppo", "no-warmup")}
+    final = numbers["warmup"]["final"]["from the base"]
+    difference = last["no-warmup"] - last["ppo"]
+    np.testing.assert_allclose(final["mean"], last["no-warmup"].mean(), rtol=1e-6)
+    np.testing.assert_allclose(final["minus_from the warm-up"], difference.mean(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(final["difference_ci95_half"], 12.71 * difference.std(ddof=1) / np.sqrt(2),
+                               rtol=1e-6, atol=1e-9)
+    assert numbers["warmup"]["final"]["from the warm-up"]["difference_ci95_half"] == 0.0
+
     # Done runs are skipped: a second call trains nothing and draws the same numbers.
     before = sorted(p.stat().st_mtime for p in runs.rglob("trainer_state.pt"))
     ablations.main(args)
