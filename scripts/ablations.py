@@ -44,6 +44,14 @@ from tasks import PRETRAINED_TWIN  # noqa: E402
 ABLATIONS = ("critic", "epochs", "warmup", "temperature", "algorithms")
 # t quantiles (97.5%) for a 95% interval of a mean over n seeds, by n - 1 (3 seeds: 4.30)
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+# Each ablation: its settings (label -> run name) and the paper's setting, the reference of the differences
+SETTINGS = {
+    "critic": ({"h0": "ppo", "last": "critic-last", "concat": "critic-concat", "separate": "critic-separate"}, "h0"),
+    "epochs": ({"1 epoch": "ppo", "2 epochs": "epochs-2", "5 epochs": "epochs-5"}, "1 epoch"),
+    "warmup": ({"from the warm-up": "ppo", "from the base": "no-warmup"}, "from the warm-up"),
+    "temperature": ({"0.6": "temperature-0.6", "1.0": "ppo", "1.6": "temperature-1.6"}, "1.0"),
+    "algorithms": ({"PPO": "ppo", "GRPO": "grpo", "DPO": "dpo"}, "PPO"),
+}
 
 
 @dataclass
@@ -151,13 +159,17 @@ def env_steps_and_success(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return steps, success
 
 
+def half_width(values: np.ndarray) -> np.ndarray:
+    """Half-width of the 95% t-interval of the mean over seeds (axis 0); 0 for one seed."""
+    n = len(values)
+    return T_975.get(n - 1, 1.96) * values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(values.shape[1:])
+
+
 def mean_interval(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeds' curves on the x they share -> x, mean, half-width of the 95% t-interval (0 for one seed)."""
     shared = sorted(set.intersection(*(set(x.tolist()) for x, _ in curves)))
     values = np.array([[dict(zip(x.tolist(), y.tolist(), strict=True))[s] for s in shared] for x, y in curves])
-    n = len(values)
-    half = T_975.get(n - 1, 1.96) * values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(shared))
-    return np.array(shared), values.mean(axis=0), half
+    return np.array(shared), values.mean(axis=0), half_width(values)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -184,15 +196,10 @@ def final_success(settings: dict[str, list[tuple[np.ndarray, np.ndarray]]],
     """Each setting's success at its last evaluation (mean over seeds, 95% t-interval) and its difference
     from the reference setting's, paired by training seed (the same seed's warm-up and episode ids)."""
     last = {label: np.array([y[-1] for _, y in curves]) for label, curves in settings.items()}
-    out = {}
-    for label, values in last.items():
-        difference = values - last[reference]
-        n = len(values)
-        t = T_975.get(n - 1, 1.96) / np.sqrt(n) if n > 1 else 0.0
-        out[label] = {"mean": float(values.mean()), "ci95_half": float(t * values.std(ddof=1)) if n > 1 else 0.0,
-                      f"minus_{reference}": float(difference.mean()),
-                      "difference_ci95_half": float(t * difference.std(ddof=1)) if n > 1 else 0.0}
-    return out
+    return {label: {"mean": float(values.mean()), "ci95_half": float(half_width(values)),
+                    f"minus_{reference}": float((values - last[reference]).mean()),
+                    "difference_ci95_half": float(half_width(values - last[reference]))}
+            for label, values in last.items()}
 
 
 def seconds_at(path: Path, env_steps: np.ndarray) -> np.ndarray:
@@ -205,8 +212,7 @@ def seconds_at(path: Path, env_steps: np.ndarray) -> np.ndarray:
 def per_iteration(paths: list[Path], tag: str) -> tuple[float, float]:
     """Mean over seeds of a per-iteration metric's mean -> (mean, 95% half-width)."""
     values = np.array([scalars(p, tag)[1].mean() for p in paths])
-    n = len(values)
-    return float(values.mean()), float(T_975.get(n - 1, 1.96) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return float(values.mean()), float(half_width(values))
 
 
 def figure(name: str, runs: Path, seeds: tuple[int, ...], args: Args, out: Path) -> dict:
@@ -214,17 +220,14 @@ def figure(name: str, runs: Path, seeds: tuple[int, ...], args: Args, out: Path)
     def paths(run_name: str) -> list[Path]:
         return [runs / f"{run_name}-s{seed}" for seed in seeds]
 
-    def success(run_names: dict[str, str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-        return {label: [env_steps_and_success(p) for p in paths(r)] for label, r in run_names.items()}
-
+    settings, reference = SETTINGS[name]
+    success = {label: [env_steps_and_success(p) for p in paths(r)] for label, r in settings.items()}
     panels = {"critic": 3, "epochs": 2}.get(name, 1)
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
     ax = axes[0]
-    numbers: dict = {}
+    numbers: dict = {"success": draw_curves(ax[0], success, "env steps", "ind success (eval, at 0.6)"),
+                     "final": final_success(success, reference)}
     if name == "critic":
-        settings = {"h0": "ppo", "last": "critic-last", "concat": "critic-concat", "separate": "critic-separate"}
-        numbers["success"] = draw_curves(ax[0], success(settings), "env steps", "ind success (eval)")
-        numbers["final"] = final_success(success(settings), "h0")
         numbers["explained_variance"] = draw_curves(
             ax[1], {label: [scalars(p, "losses/explained_variance") for p in paths(r)] for label, r in settings.items()},
             "env steps", "explained variance")
@@ -240,36 +243,22 @@ def figure(name: str, runs: Path, seeds: tuple[int, ...], args: Args, out: Path)
         twin.set_ylabel("peak memory (GB)")
         numbers["cost"] = cost
     elif name == "epochs":
-        settings = {"1 epoch": "ppo", "2 epochs": "epochs-2", "5 epochs": "epochs-5"}
-        numbers["success"] = draw_curves(ax[0], success(settings), "env steps", "ind success (eval)")
-        numbers["final"] = final_success(success(settings), "1 epoch")
         by_time = {}  # the same points, at the seeds' mean wall-clock (rollout + update seconds, summed)
         for label, r in settings.items():
-            x, mean, half = mean_interval([env_steps_and_success(p) for p in paths(r)])
+            x, mean, half = mean_interval(success[label])
             seconds = np.mean([seconds_at(p, x) for p in paths(r)], axis=0)
             ax[1].plot(seconds, mean, marker="o", markersize=3, label=label)
             ax[1].fill_between(seconds, mean - half, mean + half, alpha=0.2)
             by_time[label] = {"seconds": seconds.tolist(), "mean": mean.tolist(), "ci95_half": half.tolist()}
         ax[1].set_xlabel("wall-clock seconds (rollout + update)")
-        ax[1].set_ylabel("ind success (eval)")
+        ax[1].set_ylabel("ind success (eval, at 0.6)")
         ax[1].grid(color="0.85", linewidth=0.6)
         numbers["success_by_seconds"] = by_time
     elif name == "warmup":
-        settings = {"from the warm-up": "ppo", "from the base": "no-warmup"}
-        numbers["success"] = draw_curves(ax[0], success(settings), "env steps", "ind success (eval)")
-        numbers["final"] = final_success(success(settings), "from the warm-up")
         ax[0].axhline(args.success_target, color="0.5", linestyle="--", linewidth=0.8)
         numbers["env_steps_to_target"] = {
-            label: [next((float(x) for x, y in zip(*env_steps_and_success(p), strict=True) if y >= args.success_target),
-                         None) for p in paths(r)] for label, r in settings.items()}
-    elif name == "temperature":
-        settings = {"0.6": "temperature-0.6", "1.0": "ppo", "1.6": "temperature-1.6"}
-        numbers["success"] = draw_curves(ax[0], success(settings), "env steps", "ind success (eval, at 0.6)")
-        numbers["final"] = final_success(success(settings), "1.0")
-    elif name == "algorithms":
-        settings = {"PPO": "ppo", "GRPO": "grpo", "DPO": "dpo"}
-        numbers["success"] = draw_curves(ax[0], success(settings), "env steps", "ind success (eval)")
-        numbers["final"] = final_success(success(settings), "PPO")
+            label: [next((float(x) for x, y in zip(*curve, strict=True) if y >= args.success_target), None)
+                    for curve in curves] for label, curves in success.items()}
     fig.suptitle(f"{name}: mean of {len(seeds)} training seed(s), 95% t-interval band", fontsize=10)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
