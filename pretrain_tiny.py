@@ -10,8 +10,9 @@ fresh into each rank's memory (a fixed set is overfitted). Two cycles of two pha
 only the frames where the instruction's names alone decide the move, then all frames with those
 kept in every batch; second, the name pairs (each such frame and its twin, the same image with the
 other object or receptacle named and the expert's move to it, so that only reading the name is
-right), then all frames with those kept in every batch (docs/PRETRAINING.md). The result loads
-like the 7B checkpoint:
+right), then all frames with those kept in every batch (docs/PRETRAINING.md). With
+--pairs-from-start the name pairs are streamed with the demonstrations and are the first cycle's
+grounding frames, so one cycle can do both. The result loads like the 7B checkpoint:
 
     make pretrain   # = torchrun --standalone --nproc_per_node 2 pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
@@ -82,6 +83,11 @@ class Args:
     """share of every later batch still drawn from the grounding frames (0: all frames alike)"""
     grounding_window: int = 3
     """grounding frames of a two-object scene: its first K steps (towards the named object)"""
+    pairs_from_start: bool = False
+    """the first cycle's grounding frames are the name pairs of the demonstrations held (see
+    name_pairs), streamed with them, instead of grounding_frames; needs --fresh-demos. With
+    --grounding-steps 0 --pair-steps 0 --pair-mix-steps 0: one cycle, --grounding-share of every
+    batch pairs (the binding probe: pairs bind faster from random init, docs/PRETRAINING.md)"""
     carry_window: int = 12
     """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
     carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
@@ -111,6 +117,8 @@ def check_args(args: Args) -> None:
     for name in ("grounding_steps", "pair_steps", "pair_mix_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.pairs_from_start and not args.fresh_demos:
+        raise ValueError("--pairs-from-start streams the pairs with the demonstrations: it needs --fresh-demos > 0")
     if not 0.0 <= args.grounding_share < 1.0:
         raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
@@ -169,6 +177,7 @@ class Demonstrations:
     actions: np.ndarray  # float32 [F, 7]
     instructions: list[str]  # [F]
     records: list[dict]  # one per demonstration: episode_seed, actions and the decoded episode (grounding_frames)
+    pairs: int = 0  # the last PAIRS frames are name pairs (--pairs-from-start), after every demonstration's
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -185,7 +194,8 @@ def stream_ids(number: int, rank: int, args: Args) -> np.ndarray:
 
 def fresh_demonstrations(envs, number: int, rank: int, args: Args) -> list[Demonstrations]:
     """Batch NUMBER of rank RANK's stream: --fresh-demos episodes of the expert (the failed ones left
-    out), a pure function of (seed, rank, number), so a resumed run rebuilds what it held."""
+    out), and with --pairs-from-start their name pairs as one more entry; a pure function of (seed,
+    rank, number), so a resumed run rebuilds what it held."""
     ids, demos = stream_ids(number, rank, args), []
     for first in range(0, len(ids), envs.num_envs):
         chunk = ids[first:first + envs.num_envs]
@@ -193,16 +203,22 @@ def fresh_demonstrations(envs, number: int, rank: int, args: Args) -> list[Demon
         demos += collect_expert_demos(envs, np.resize(chunk, envs.num_envs), action_noise=args.action_noise,
                                       rng=rng, keep_success_steps=args.keep_success_steps)[:len(chunk)]
     demos = [d for d in demos if d.succeeded]
-    return [Demonstrations(d.images[:-1], d.actions.astype(np.float32), [d.instruction] * len(d.actions),
+    held = [Demonstrations(d.images[:-1], d.actions.astype(np.float32), [d.instruction] * len(d.actions),
                            [{"episode_seed": d.episode_id, "actions": d.actions,
                              "episode": decode_episode("pretrain", d.episode_id)}]) for d in demos]
+    if args.pairs_from_start:
+        images, instructions, actions, _ = name_pairs(ids, args.image_size, args.grounding_window)
+        held.append(Demonstrations(images, actions, instructions, [], pairs=len(actions)))
+    return held
 
 
 def pool_of(held: list[list[Demonstrations]]) -> Demonstrations:
-    """One set of frames from the batches a rank holds, oldest first."""
-    demos = [d for batch in held for d in batch]
+    """One set of frames from the batches a rank holds, oldest first: every demonstration's
+    frames, then every name pair's (--pairs-from-start)."""
+    demos = [d for batch in held for d in batch if not d.pairs] + [d for batch in held for d in batch if d.pairs]
     return Demonstrations(np.concatenate([d.images for d in demos]), np.concatenate([d.actions for d in demos]),
-                          [t for d in demos for t in d.instructions], [r for d in demos for r in d.records])
+                          [t for d in demos for t in d.instructions], [r for d in demos for r in d.records],
+                          pairs=sum(d.pairs for d in demos))
 
 
 def total_steps(args: Args) -> int:
@@ -293,7 +309,8 @@ def name_pairs(episode_ids: np.ndarray, image_size: int, window: int
 def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: int, grounding: np.ndarray,
                   pairs: np.ndarray, args: Args) -> np.ndarray:
     """One rank's frame indices [SIZE]. First cycle: grounding frames only for the first
-    --grounding-steps, then --grounding-share of them and the rest from all frames. Second
+    --grounding-steps, then --grounding-share of them and the rest from the NUM_FRAMES
+    demonstration frames (indices 0..NUM_FRAMES-1). Second
     cycle: the same with the name PAIRS (indices past the frames) and --pair-steps."""
     first_cycle = step < args.base_steps
     chosen = grounding if first_cycle else pairs
@@ -374,16 +391,20 @@ def main(args: Args) -> dict[str, float]:
         pair_counts.update(counts)
         return tuple(made)
 
-    def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Action tokens [F + 2P, 7] of the frames, then the pairs; the first cycle's grounding frames
-        [G]; the second cycle's pairs (indices past the frames) [2P]."""
+        [G]; the second cycle's pairs (indices past the frames) [2P]; how many of the F frames are
+        demonstrations' (with --pairs-from-start the held name pairs come after them and are the
+        grounding frames)."""
         tokens = action_tokenizer.encode(stats.normalize(np.concatenate([frames.actions, pair_actions])))
-        grounding = grounding_frames(train_records, args.grounding_window, args.carry_window)
-        return tokens, grounding, len(frames) + np.arange(len(pair_actions))
+        demo_frames = len(frames) - (frames.pairs if args.pairs_from_start else 0)
+        grounding = (np.arange(demo_frames, len(frames)) if args.pairs_from_start
+                     else grounding_frames(train_records, args.grounding_window, args.carry_window))
+        return tokens, grounding, len(frames) + np.arange(len(pair_actions)), demo_frames
 
     if second_cycle and (not args.fresh_demos or start_step >= args.base_steps):
         pair_images, pair_texts, pair_actions = second_cycle_pairs()  # a fixed set's: made now, errors early
-    tokens, grounding, pairs = index_sets()
+    tokens, grounding, pairs, demo_frames = index_sets()
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
@@ -414,16 +435,16 @@ def main(args: Args) -> dict[str, float]:
             held = held[1:] + [fresh_demonstrations(stream_envs, step // args.fresh_every + count - 1, rank, args)]
             frames = pool_of(held)
             train_records = frames.records
-            tokens, grounding, pairs = index_sets()
+            tokens, grounding, pairs, demo_frames = index_sets()
         if step == args.base_steps:  # the second cycle starts from fresh moments, as a fine-tuning run does
             optimizer = torch.optim.AdamW(vla.parameters(), lr=args.pair_learning_rate, weight_decay=0.01)
             base_fingerprint = weights_fingerprint(vla.state_dict())
             if not len(pair_actions):
                 pair_images, pair_texts, pair_actions = second_cycle_pairs()
-                tokens, grounding, pairs = index_sets()
+                tokens, grounding, pairs, demo_frames = index_sets()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_indices(batch_rng, step, rank_batch, len(frames), grounding, pairs, args)
+        index = batch_indices(batch_rng, step, rank_batch, demo_frames, grounding, pairs, args)
         inputs = prepare_inputs(vla, tokenizer, *batch_of(index))
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
@@ -474,7 +495,7 @@ def main(args: Args) -> dict[str, float]:
               "base_fingerprint": base_fingerprint,  # the weights at the end of the first cycle
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
               "episode_ids": "calibration",  # the ids `success` was measured on (common.calibration_episode_ids)
-              "val_loss": metrics.get("val/loss"), "frames": len(frames), "grounding_frames": len(grounding),
+              "val_loss": metrics.get("val/loss"), "frames": demo_frames, "grounding_frames": len(grounding),
               **pair_counts}  # object_pairs, receptacle_pairs
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()

@@ -167,15 +167,20 @@ def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> N
         pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "image_size": 40}))
 
 
-def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+ONE_CYCLE_OF_PAIRS = dict(pairs_from_start=True, grounding_steps=0, base_steps=8, pair_steps=0, pair_mix_steps=0)
+
+
+@pytest.mark.parametrize("recipe", [{}, ONE_CYCLE_OF_PAIRS], ids=["two-cycles", "one-cycle-of-pairs"])
+def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, recipe) -> None:
     # --fresh-demos: each rank collects new demonstrations every --fresh-every steps and drops its
-    # oldest. A run interrupted after a refresh and after the second cycle began rebuilds what it
+    # oldest. A run interrupted after a refresh (and after the second cycle began) rebuilds what it
     # held (the stream is a function of seed, rank and batch number) and ends on the same weights.
     import pretrain_tiny
     small = dict(action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
                  heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100, eval_episodes=4,
                  save_every=1, grounding_steps=1, base_steps=4, pair_steps=2, pair_mix_steps=2,
                  demo_dir=str(tmp_path / "demos"))
+    small.update(recipe)
     whole = pretrain_tiny.Args(**small, output=str(tmp_path / "whole"), run_dir=str(tmp_path / "run_whole"))
     pretrain_tiny.main(whole)
 
@@ -195,10 +200,15 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
 
     made = {name: json.loads((tmp_path / name / "pretrain_config.json").read_text()) for name in ("whole", "parts")}
     assert made["parts"]["fingerprint"] == made["whole"]["fingerprint"]
-    assert made["parts"]["base_fingerprint"] == made["whole"]["base_fingerprint"] is not None
-    assert made["whole"]["receptacle_pairs"] > 0 and made["whole"]["object_pairs"] > 0
+    if recipe:  # one cycle: the pairs held are its grounding frames, and no second cycle
+        assert made["whole"]["base_fingerprint"] is None and "object_pairs" not in made["whole"]
+        assert made["whole"]["grounding_frames"] > 0
+    else:
+        assert made["parts"]["base_fingerprint"] == made["whole"]["base_fingerprint"] is not None
+        assert made["whole"]["receptacle_pairs"] > 0 and made["whole"]["object_pairs"] > 0
     held = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
     assert held and all(len(d.images) == len(d.actions) == len(d.instructions) for d in held)
+    assert [d.pairs > 0 for d in held] == [False] * (len(held) - 1) + [bool(recipe)], "pairs last, if streamed"
     again = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 1, pretrain_tiny.Args(**small))
     assert all(np.array_equal(a.images, b.images) for a, b in zip(held, again, strict=True))
     other_rank = pretrain_tiny.fresh_demonstrations(make_twin_envs(), 2, 0, pretrain_tiny.Args(**small))
@@ -206,6 +216,8 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
         {r["episode_seed"] for d in other_rank for r in d.records})
     with pytest.raises(ValueError, match="multiple of --fresh-demos"):
         pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "num_demos": 12}))
+    with pytest.raises(ValueError, match="--pairs-from-start .* needs --fresh-demos"):
+        pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "fresh_demos": 0, "pairs_from_start": True}))
 
 
 def make_twin_envs():
