@@ -83,6 +83,9 @@ class Args:
     """share of every later batch still drawn from the grounding frames (0: all frames alike)"""
     grounding_window: int = 3
     """grounding frames of a two-object scene: its first K steps (towards the named object)"""
+    jump_share: float = 0.0
+    """share of every batch drawn from the frames after a jump of the target (see jump_frames): the
+    shipped base succeeds in 32% of the episodes with a jump, 62% without (docs/PRETRAINING.md)"""
     pairs_from_start: bool = False
     """the first cycle's grounding frames are the name pairs of the demonstrations held (see
     name_pairs), streamed with them, instead of grounding_frames; needs --fresh-demos. With
@@ -121,6 +124,8 @@ def check_args(args: Args) -> None:
         raise ValueError("--pairs-from-start streams the pairs with the demonstrations: it needs --fresh-demos > 0")
     if not 0.0 <= args.grounding_share < 1.0:
         raise ValueError(f"--grounding-share must be in [0, 1), got {args.grounding_share}")
+    if not 0.0 <= args.jump_share < 1.0 - args.grounding_share:
+        raise ValueError(f"--jump-share must be in [0, 1 - --grounding-share), got {args.jump_share}")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, "state.pt")):
         raise ValueError(f"--resume: no {args.run_dir}/state.pt to continue from (run without --resume)")
     if args.image_size % TINY_PATCH_SIZE:
@@ -260,6 +265,18 @@ def grounding_frames(records: list[dict], window: int, carry_window: int) -> np.
     return np.concatenate(chosen)
 
 
+def jump_frames(records: list[dict]) -> np.ndarray:
+    """Indices of the frames after the target's jump (the observation before the jump's step
+    action still shows it where it was), in the episodes whose target jumps."""
+    chosen, start = [], 0
+    for record in records:
+        episode = record.get("episode") or decode_episode("pretrain", record["episode_seed"])
+        if episode.reposition_xy is not None:
+            chosen.append(start + np.arange(episode.reposition_step + 1, len(record["actions"])))
+        start += len(record["actions"])
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=int)
+
+
 def name_pairs(episode_ids: np.ndarray, image_size: int, window: int
                ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, int]]:
     """The expert replayed from these episodes' initial states; every frame where a name decides
@@ -307,17 +324,18 @@ def name_pairs(episode_ids: np.ndarray, image_size: int, window: int
 
 
 def batch_indices(rng: np.random.Generator, step: int, size: int, num_frames: int, grounding: np.ndarray,
-                  pairs: np.ndarray, args: Args) -> np.ndarray:
+                  pairs: np.ndarray, jumps: np.ndarray, args: Args) -> np.ndarray:
     """One rank's frame indices [SIZE]. First cycle: grounding frames only for the first
-    --grounding-steps, then --grounding-share of them and the rest from the NUM_FRAMES
-    demonstration frames (indices 0..NUM_FRAMES-1). Second
-    cycle: the same with the name PAIRS (indices past the frames) and --pair-steps."""
+    --grounding-steps, then --grounding-share of them, --jump-share from the JUMPS frames and the
+    rest from the NUM_FRAMES demonstration frames (indices 0..NUM_FRAMES-1). Second cycle: the
+    same with the name PAIRS (indices past the frames) and --pair-steps."""
     first_cycle = step < args.base_steps
     chosen = grounding if first_cycle else pairs
     alone = step < args.grounding_steps if first_cycle else step < args.base_steps + args.pair_steps
     num_chosen = round((1.0 if alone else args.grounding_share) * size)
-    return np.concatenate([rng.choice(chosen, size=num_chosen),
-                           rng.integers(0, num_frames, size=size - num_chosen)])
+    num_jumps = 0 if alone or not len(jumps) else round(args.jump_share * size)
+    drawn = [rng.choice(chosen, size=num_chosen)] + ([rng.choice(jumps, size=num_jumps)] if num_jumps else [])
+    return np.concatenate(drawn + [rng.integers(0, num_frames, size=size - num_chosen - num_jumps)])
 
 
 def success_rates(vla, tokenizer, stats: NormStats, args: Args) -> dict[str, float]:
@@ -391,20 +409,21 @@ def main(args: Args) -> dict[str, float]:
         pair_counts.update(counts)
         return tuple(made)
 
-    def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def index_sets() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Action tokens [F + 2P, 7] of the frames, then the pairs; the first cycle's grounding frames
-        [G]; the second cycle's pairs (indices past the frames) [2P]; how many of the F frames are
-        demonstrations' (with --pairs-from-start the held name pairs come after them and are the
-        grounding frames)."""
+        [G]; the second cycle's pairs (indices past the frames) [2P]; the frames after a jump [J];
+        how many of the F frames are demonstrations' (with --pairs-from-start the held name pairs
+        come after them and are the grounding frames)."""
         tokens = action_tokenizer.encode(stats.normalize(np.concatenate([frames.actions, pair_actions])))
         demo_frames = len(frames) - (frames.pairs if args.pairs_from_start else 0)
         grounding = (np.arange(demo_frames, len(frames)) if args.pairs_from_start
                      else grounding_frames(train_records, args.grounding_window, args.carry_window))
-        return tokens, grounding, len(frames) + np.arange(len(pair_actions)), demo_frames
+        jumps = jump_frames(train_records) if args.jump_share else np.zeros(0, dtype=int)
+        return tokens, grounding, len(frames) + np.arange(len(pair_actions)), jumps, demo_frames
 
     if second_cycle and (not args.fresh_demos or start_step >= args.base_steps):
         pair_images, pair_texts, pair_actions = second_cycle_pairs()  # a fixed set's: made now, errors early
-    tokens, grounding, pairs, demo_frames = index_sets()
+    tokens, grounding, pairs, jumps, demo_frames = index_sets()
     if not len(grounding) and (args.grounding_steps or args.grounding_share):
         sys.exit(f"error: the {args.num_demos} demonstrations hold no two-object or two-receptacle scene to "
                  "ground names on: raise --num-demos, or pass --grounding-steps 0 --grounding-share 0")
@@ -435,16 +454,16 @@ def main(args: Args) -> dict[str, float]:
             held = held[1:] + [fresh_demonstrations(stream_envs, step // args.fresh_every + count - 1, rank, args)]
             frames = pool_of(held)
             train_records = frames.records
-            tokens, grounding, pairs, demo_frames = index_sets()
+            tokens, grounding, pairs, jumps, demo_frames = index_sets()
         if step == args.base_steps:  # the second cycle starts from fresh moments, as a fine-tuning run does
             optimizer = torch.optim.AdamW(vla.parameters(), lr=args.pair_learning_rate, weight_decay=0.01)
             base_fingerprint = weights_fingerprint(vla.state_dict())
             if not len(pair_actions):
                 pair_images, pair_texts, pair_actions = second_cycle_pairs()
-                tokens, grounding, pairs, demo_frames = index_sets()
+                tokens, grounding, pairs, jumps, demo_frames = index_sets()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args)
-        index = batch_indices(batch_rng, step, rank_batch, demo_frames, grounding, pairs, args)
+        index = batch_indices(batch_rng, step, rank_batch, demo_frames, grounding, pairs, jumps, args)
         inputs = prepare_inputs(vla, tokenizer, *batch_of(index))
         loss, predicted = action_token_loss(vla, inputs, torch.as_tensor(tokens[index]))
         check_finite(f"step {step + 1}", loss=loss)
@@ -496,6 +515,7 @@ def main(args: Args) -> dict[str, float]:
               "success": {k[5:]: v for k, v in metrics.items() if k.startswith("eval/")},
               "episode_ids": "calibration",  # the ids `success` was measured on (common.calibration_episode_ids)
               "val_loss": metrics.get("val/loss"), "frames": demo_frames, "grounding_frames": len(grounding),
+              "jump_frames": len(jumps),
               **pair_counts}  # object_pairs, receptacle_pairs
     (output / "pretrain_config.json").write_text(json.dumps(recipe, indent=2))
     writer.close()

@@ -103,14 +103,42 @@ def test_grounding_frames_are_the_steps_where_only_the_names_tell_the_move(tmp_p
     # in the second cycle the same with the name pairs (indices past the frames).
     args = Args(grounding_steps=5, grounding_share=0.5, base_steps=10, pair_steps=5)
     num_frames, rng, pairs = len(expected), np.random.default_rng(0), len(expected) + np.arange(40)
+    no_jumps = np.zeros(0, dtype=int)
     for first, alone in ((0, 5), (10, 15)):
         chosen = grounding if first == 0 else pairs
-        assert np.isin(batch_indices(rng, alone - 1, 64, num_frames, grounding, pairs, args), chosen).all()
-        later = np.concatenate([batch_indices(rng, alone, 64, num_frames, grounding, pairs, args)
+        assert np.isin(batch_indices(rng, alone - 1, 64, num_frames, grounding, pairs, no_jumps, args), chosen).all()
+        later = np.concatenate([batch_indices(rng, alone, 64, num_frames, grounding, pairs, no_jumps, args)
                                 for _ in range(50)])
         share = np.isin(later, chosen).mean()  # half, + the rest's share of the grounding frames (pairs: none)
         assert share == 0.5 if first else 0.5 < share < 0.5 + 1.5 * len(chosen) / num_frames, share
         assert later.max() < num_frames + (len(pairs) if first else 0)
+
+
+def test_jump_frames_are_the_frames_after_the_target_moved(tmp_path) -> None:
+    # --jump-share draws from the frames whose observation shows the target where it jumped to:
+    # the demonstration's actions replayed with and without the jump show the target in the same
+    # place before them and elsewhere from the first of them on.
+    from demos import ensure_demos
+    from pretrain_tiny import Args, batch_indices, jump_frames
+    records = ensure_demos(tmp_path, {"train": 24}, "twin", "pretrain", 32, 30, num_envs=8)["train"]
+    jumps, expected = jump_frames(records), []
+    for record in records:
+        env = make_vec_env("pretrain", 2, 32, seed=1, env="twin")
+        env.reset(options={"episode_ids": [record["episode_seed"]] * 2})
+        env.reposition_step[1] = -1  # the second copy: no jump
+        moved = False
+        for action in record["actions"]:  # the target's position in each frame's observation
+            moved = moved or not np.allclose(env.object_xy[0, 0], env.object_xy[1, 0])
+            expected.append(moved)
+            env.step(np.stack([action, action]))
+        env.close()
+    assert 0 < len(jumps) < len(expected), "precondition: some of the episodes jump, not all"
+    np.testing.assert_array_equal(jumps, np.flatnonzero(expected))
+    args = Args(grounding_steps=0, grounding_share=0.25, jump_share=0.5)
+    grounding = np.flatnonzero(~np.array(expected))[:10]
+    drawn = np.concatenate([batch_indices(np.random.default_rng(i), 1, 64, len(expected), grounding,
+                                          np.zeros(0, dtype=int), jumps, args) for i in range(20)])
+    assert 0.5 <= np.isin(drawn, jumps).mean() < 0.5 + 0.25 * 1.5 * len(jumps) / len(expected)
 
 
 def test_a_name_pair_is_a_frame_and_its_twin_with_the_other_object_or_receptacle_named() -> None:
@@ -167,7 +195,8 @@ def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> N
         pretrain_tiny.check_args(pretrain_tiny.Args(**{**small, "image_size": 40}))
 
 
-ONE_CYCLE_OF_PAIRS = dict(pairs_from_start=True, grounding_steps=0, base_steps=8, pair_steps=0, pair_mix_steps=0)
+ONE_CYCLE_OF_PAIRS = dict(pairs_from_start=True, grounding_steps=0, base_steps=8, pair_steps=0, pair_mix_steps=0,
+                          jump_share=0.25)
 
 
 @pytest.mark.parametrize("recipe", [{}, ONE_CYCLE_OF_PAIRS], ids=["two-cycles", "one-cycle-of-pairs"])
@@ -202,7 +231,7 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
     assert made["parts"]["fingerprint"] == made["whole"]["fingerprint"]
     if recipe:  # one cycle: the pairs held are its grounding frames, and no second cycle
         assert made["whole"]["base_fingerprint"] is None and "object_pairs" not in made["whole"]
-        assert made["whole"]["grounding_frames"] > 0
+        assert made["whole"]["grounding_frames"] > 0 and made["whole"]["jump_frames"] > 0
     else:
         assert made["parts"]["base_fingerprint"] == made["whole"]["base_fingerprint"] is not None
         assert made["whole"]["receptacle_pairs"] > 0 and made["whole"]["object_pairs"] > 0
