@@ -83,6 +83,10 @@ class Args:
     """share of every later batch still drawn from the grounding frames (0: all frames alike)"""
     grounding_window: int = 3
     """grounding frames of a two-object scene: its first K steps (towards the named object)"""
+    carry_window: int = 12
+    """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
+    carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
+    cycle's pairs do, docs/PRETRAINING.md)"""
     jump_share: float = 0.0
     """share of every batch drawn from the frames after a jump of the target (see jump_frames): the
     shipped base succeeds in 32% of the episodes with a jump, 62% without (docs/PRETRAINING.md)"""
@@ -91,10 +95,6 @@ class Args:
     name_pairs), streamed with them, instead of grounding_frames; needs --fresh-demos. With
     --grounding-steps 0 --pair-steps 0 --pair-mix-steps 0: one cycle, --grounding-share of every
     batch pairs (the binding probe: pairs bind faster from random init, docs/PRETRAINING.md)"""
-    carry_window: int = 12
-    """grounding frames of a two-receptacle scene: its first K carrying steps (12 covers the whole
-    carry, 4-7 steps in the expert's demos; neither 3 nor 12 bound the receptacle names: the second
-    cycle's pairs do, docs/PRETRAINING.md)"""
     pair_steps: int = 1000
     """second cycle (a fresh AdamW): steps on the name pairs only (see name_pairs: the frames where
     an object's or a receptacle's name decides the move, each with its twin, the same image with the

@@ -6,8 +6,8 @@ docs/STUDY_PROTOCOL.md), so the base starts at 45.7% there (256 calibration epis
 
 Measured from the name-pairs base (2026-12-05, this machine, `pytest -n 2 tests/test_learning.py`):
 the SFT warm-up's 200 steps on 64 demos 63.3-65.4% at 3 seeds against the base's 48.0-48.8% on
-the same 512 episodes (the recipe's 32 demos: 59.4-61.7%; the narrow base's without a shift: 85.9%); the README's first command (PPO from the base, one process)
-in its test. PPO from the warm-up under torchrun, the demo's chain, had a
+the same 512 episodes (the recipe's 32 demos: 59.4-61.7%; the narrow base's without a shift:
+85.9%); the README's first command (PPO from the base, one process) in its test. PPO from the warm-up under torchrun, the demo's chain, had a
 test of its own until 2026-12-04 (8 iterations of 2 x 64 envs: rollouts 59.4, 66.4 -> 75.8, 75.8%
 over the first and last two, explained variance 0.01 -> 0.75; 9 of the suite's ~60 core-minutes);
 it left for the 20-minute budget: PPO's learning is the laptop test's, two ranks taking one
