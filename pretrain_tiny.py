@@ -6,13 +6,13 @@ the twin's `pretrain` split plays that part: broad, every factor the OOD splits 
 their exact combinations (docs/STUDY_PROTOCOL.md, twin_env.py). Every weight is trained (a random
 base learns far too slowly through LoRA), with OpenVLA's loss: cross-entropy on the 7 action
 tokens, by behaviour cloning of an expert whose moves get DART noise, on demonstrations streamed
-fresh into each rank's memory (a fixed set is overfitted). Two cycles of two phases each: first,
-only the frames where the instruction's names alone decide the move, then all frames with those
-kept in every batch; second, the name pairs (each such frame and its twin, the same image with the
-other object or receptacle named and the expert's move to it, so that only reading the name is
-right), then all frames with those kept in every batch (docs/PRETRAINING.md). With
---pairs-from-start the name pairs are streamed with the demonstrations and are the first cycle's
-grounding frames, so one cycle can do both. The result loads like the 7B checkpoint:
+fresh into each rank's memory (a fixed set is overfitted). One cycle of 25,000 steps: half of
+every batch is drawn from the name pairs (each frame where an object's or a receptacle's name alone
+decides the move, beside its twin: the same image with the other one named and the expert's move
+to it, so that only reading the name is right), streamed with the demonstrations they come from;
+the rest from all frames. The older recipe, two cycles of two phases (grounding frames, then a
+mix; then the pairs, then a mix), stays behind flags: it made the previous base, which the one
+cycle beat by 23 points (docs/PRETRAINING.md, "One cycle"). The result loads like the 7B checkpoint:
 
     make pretrain   # = torchrun --standalone --nproc_per_node 2 pretrain_tiny.py (writes assets/tiny-openvla-twin/)
     python ppo_vla.py --env twin --model-path assets/tiny-openvla-twin ...
@@ -61,7 +61,7 @@ class Args:
     the first shipped model dropped them and then re-grasped placed objects"""
     demo_dir: str = "demos/twin-pretrain"
     """where the pretraining demonstrations are stored and reused"""
-    base_steps: int = 20000
+    base_steps: int = 25000
     """optimizer steps of the first cycle, the grounding phase and the mix (docs/PRETRAINING.md)"""
     batch_size: int = 64
     """frames per step"""
@@ -76,7 +76,7 @@ class Args:
     """episodes per evaluation, at temperature 0.6, on pretrain and on multi_object_seen"""
     save_every: int = 250
     """write the resumable state every K steps"""
-    grounding_steps: int = 3000
+    grounding_steps: int = 0
     """first optimizer steps drawn only from the grounding frames (see grounding_frames), where
     nothing but the instruction's names tells the move; 0: none"""
     grounding_share: float = 0.5
@@ -90,16 +90,16 @@ class Args:
     jump_share: float = 0.0
     """share of every batch drawn from the frames after a jump of the target (see jump_frames): the
     shipped base succeeds in 32% of the episodes with a jump, 62% without (docs/PRETRAINING.md)"""
-    pairs_from_start: bool = False
-    """the first cycle's grounding frames are the name pairs of the demonstrations held (see
-    name_pairs), streamed with them, instead of grounding_frames; needs --fresh-demos. With
+    pairs_from_start: bool = True
+    """the recipe: the first cycle's grounding frames are the name pairs of the demonstrations held
+    (see name_pairs), streamed with them, instead of grounding_frames; needs --fresh-demos. With
     --grounding-steps 0 --pair-steps 0 --pair-mix-steps 0: one cycle, --grounding-share of every
     batch pairs (the binding probe: pairs bind faster from random init, docs/PRETRAINING.md)"""
-    pair_steps: int = 1000
+    pair_steps: int = 0
     """second cycle (a fresh AdamW): steps on the name pairs only (see name_pairs: the frames where
     an object's or a receptacle's name decides the move, each with its twin, the same image with the
     other one named and the expert's move to it); 0 and 0 mix steps: no second cycle"""
-    pair_mix_steps: int = 4000
+    pair_mix_steps: int = 0
     """then steps with --grounding-share of every batch from the pairs, the rest from all frames
     (without them the model forgets the rest of the task)"""
     pair_learning_rate: float = 5e-4

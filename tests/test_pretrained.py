@@ -183,8 +183,8 @@ def test_a_fixed_set_of_demonstrations_runs_both_cycles_from_disk(tmp_path) -> N
     # --fresh-demos 0: one set of demonstrations on disk, shared by the ranks and reused by the next
     # run; the second cycle starts from the first's weights, which the recipe records.
     import pretrain_tiny
-    small = dict(fresh_demos=0, num_demos=24, heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1,
-                 eval_every=100, eval_episodes=4, save_every=100, grounding_steps=1, base_steps=3,
+    small = dict(pairs_from_start=False, fresh_demos=0, num_demos=24, heldout_demos=4, image_size=32, batch_size=8,
+                 warmup_steps=1, eval_every=100, eval_episodes=4, save_every=100, grounding_steps=1, base_steps=3,
                  pair_steps=2, pair_mix_steps=2, demo_dir=str(tmp_path / "demos"))
     pretrain_tiny.main(pretrain_tiny.Args(**small, output=str(tmp_path / "model"), run_dir=str(tmp_path / "run")))
     made = json.loads((tmp_path / "model" / "pretrain_config.json").read_text())
@@ -205,7 +205,7 @@ def test_a_streamed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(t
     # oldest. A run interrupted after a refresh (and after the second cycle began) rebuilds what it
     # held (the stream is a function of seed, rank and batch number) and ends on the same weights.
     import pretrain_tiny
-    small = dict(action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
+    small = dict(pairs_from_start=False, action_noise=0.2, fresh_demos=8, num_demos=16, fresh_every=3,
                  heldout_demos=4, image_size=32, batch_size=8, warmup_steps=1, eval_every=100, eval_episodes=4,
                  save_every=1, grounding_steps=1, base_steps=4, pair_steps=2, pair_mix_steps=2,
                  demo_dir=str(tmp_path / "demos"))
