@@ -37,8 +37,8 @@ test: setup lint
 demo: setup
 	PY=$(PY) bash scripts/demo.sh
 
-# The same study with 3 training seeds of every stage and more evaluation episodes (50 min at a
-# fast hour of the 2-core host, 2026-12-05; its speed varies ~3x by the hour).
+# The same study with 3 training seeds of every stage and more evaluation episodes (68 min
+# from a fresh clone of the 2-core host, 2026-12-06; 50 min at its fastest hour, ~3x at slow ones).
 study: setup
 	PY=$(PY) STUDY=1 bash scripts/demo.sh
 

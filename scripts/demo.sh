@@ -16,7 +16,7 @@
 #                                             # its own --seed), intervals over seeds, then episodes
 # Run again, it goes on where it stopped: a finished stage is kept (its `done` file), a killed
 # training run continues from its last checkpoint (--resume), an evaluation is re-run only when a
-# training run changed. `make study` took 50 min at a fast hour (2026-12-05), ~3x that at slow ones. To start over: rm -rf demo/
+# training run changed. `make study` took 68 min from a fresh clone (2026-12-06), 50 min at the fastest hour, ~3x at slow ones. To start over: rm -rf demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
