@@ -52,8 +52,8 @@ demo-maniskill: setup
 	PY=$(PY) bash scripts/demo_maniskill.sh
 
 # Pretrain the tiny VLA by pretrain_tiny.py's recipe (streamed demonstrations, the name pairs in
-# half of every batch) into assets/tiny-openvla-twin, on 2 cores (25,000 steps: 68 min on
-# 2026-12-05 at ~8 steps/s, ~4 h at this machine's slow hours; add --resume to continue).
+# half of every batch) into assets/tiny-openvla-twin, on 2 cores (50,000 steps: 2 h 52 min on
+# 2026-12-06 at ~5 steps/s, more at this machine's slow hours; add --resume to continue).
 pretrain: setup
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_tiny.py
 
