@@ -72,9 +72,9 @@ class Args:
     """full: the README's twin recipes; tiny: a random 32 px model and a few env steps (plumbing only)"""
     eval_every: int = 2
     """PPO / GRPO evaluation every K iterations (the curves' points)"""
-    success_target: float = 0.65
+    success_target: float = 0.58
     """the `ind` success whose first crossing the warm-up figure marks (env steps to reach it): between
-    the shipped base's warm-up (60.9%) and PPO at its end (69.5%) (docs/STUDY_PROTOCOL.md, 18th entry)"""
+    the shipped base's warm-up (50.8%) and PPO at its end (64.5%) (docs/STUDY_PROTOCOL.md, 22nd entry)"""
 
 
 def runs_of(only: tuple[str, ...]) -> dict[str, tuple[str, list[str]]]:

@@ -87,7 +87,7 @@ if ! evaluated "$OUT/results" "$OUT/results/table.txt"; then
   # shellcheck disable=SC2086
   $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds $EVAL_SEEDS --episodes "$EPISODES" \
     --num-envs 32 --model-path "$BASE" "${checkpoints[@]}" --reference SFT --kl --kl-every 5 \
-    --output-dir "$OUT/results" --exclude-from-averages noise_strong multi_receptacle \
+    --output-dir "$OUT/results" --exclude-from-averages noise_strong multi_receptacle unseen_table \
     | tee "$OUT/results/table.txt"  # excluded: out of calibration range, docs/STUDY_PROTOCOL.md
   touch "$OUT/results/done"
 fi
@@ -108,7 +108,7 @@ if ! evaluated "$OUT/matched"; then
   mkdir -p "$OUT/matched"
   $TORCHRUN evaluate_ood.py --env twin --device cpu --splits all --seeds 0 --episodes "$MATCHED_EPISODES" \
     --num-envs 32 --model-path "$BASE" "${snapshots[@]}" --no-paper-columns --output-dir "$OUT/matched" \
-    --exclude-from-averages noise_strong multi_receptacle > "$OUT/matched/table.txt"
+    --exclude-from-averages noise_strong multi_receptacle unseen_table > "$OUT/matched/table.txt"
   $PY scripts/matched_ind.py "$OUT/matched/results.json" "${also[@]}" --out "$OUT/matched/matched_ind.png"
   touch "$OUT/matched/done"
 fi
