@@ -233,9 +233,10 @@ def test_a_killed_rank_ends_the_job_within_seconds(tmp_path: Path) -> None:
 def test_evaluate_ood_on_two_ranks_gives_every_episode_of_one_process(tmp_path: Path) -> None:
     # 3 splits x 2 seeds x 2 batches of 2 envs (the last padded) = 12 batches, 6 per rank, dealt
     # across splits and seeds. The shipped pretrained model at temperature 0.6 gets varied returns,
-    # so equal returns mean each batch drew the same random numbers wherever it ran.
+    # so equal returns mean each batch drew the same random numbers wherever it ran. One split per
+    # dimension where the base succeeds about half the time (calibration: 45 / 61 / 38% at grey 108).
     flags = ["--checkpoint", "base", "--model-path", str(REPO / "assets" / "tiny-openvla-twin"), "--env", "twin",
-             "--splits", "ind", "noise_weak", "reposition", "--episodes", "3", "--seeds", "0", "1",
+             "--splits", "ind", "unseen_objects", "unseen_position", "--episodes", "3", "--seeds", "0", "1",
              "--num-envs", "2", "--device", "cpu"]
     single = run_cli("evaluate_ood.py", *flags, "--output-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-2000:]
@@ -244,7 +245,7 @@ def test_evaluate_ood_on_two_ranks_gives_every_episode_of_one_process(tmp_path: 
                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ranks.returncode == 0, ranks.stderr[-2000:]
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["episodes"]["base"] for d in ("one", "two"))
-    assert one.keys() == two.keys() == {"ind", "noise_weak", "reposition"}
+    assert one.keys() == two.keys() == {"ind", "unseen_objects", "unseen_position"}
     for split in one:
         for a, b in zip(one[split], two[split], strict=True):
             assert a["episode_ids"] == b["episode_ids"] and len(a["episode_ids"]) == 3
